@@ -1,0 +1,12 @@
+"""lsskd: Layered Self-Supervised Knowledge Distillation (arXiv 2506.07055) as a library."""
+__version__ = "0.1.0"
+
+from .registry import DATASETS, METHODS, MODELS, TRANSFORMS  # noqa: F401
+
+
+def _load_builtin():
+    # Importing the subpackages fills the registries.
+    from . import data, methods, models  # noqa: F401
+
+
+_load_builtin()

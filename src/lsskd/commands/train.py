@@ -1,0 +1,42 @@
+"""``lsskd train --config FILE [key=value ...]`` and ``lsskd train --resume RUN_DIR``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError, build_config, load_yaml
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train a model (one run directory per run)")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.root=PATH seed=1")
+    return p
+
+
+def run(args) -> int:
+    from ..engine.trainer import Trainer
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; do not pass --config")
+        run_dir = Path(args.resume)
+        cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"cannot resume: {cfg_file} not found")
+        cfg = build_config(None, None)
+        from ..config import _merge
+
+        cfg = _merge(cfg, load_yaml(cfg_file), "", strict=True)
+        if args.overrides:
+            raise ConfigError("overrides are not accepted with --resume (the run's config is fixed)")
+        cfg["out_dir"] = str(run_dir)
+        trainer = Trainer(cfg, resume=True)
+    else:
+        cfg = build_config(args.config, args.overrides)
+        trainer = Trainer(cfg)
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,211 @@
+"""Configuration: nested defaults, YAML files, dotted ``key=value`` overrides.
+
+Every key a user may set exists in :data:`DEFAULTS` (or, under ``method.``, in the
+chosen method's ``defaults``). Unknown keys and values of the wrong type are
+rejected with an error naming the key; values are parsed as YAML scalars, never
+evaluated as code.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+DEFAULTS: Dict[str, Any] = {
+    "seed": 0,
+    "out_dir": "runs/default",
+    "model": {"name": "resnet20", "kwargs": {}},
+    "method": {"name": "ce"},  # method-specific keys come from the method's defaults
+    "data": {
+        "name": "folder",  # folder | cifar10 | cifar100 | tiny_imagenet | digits | hapt ...
+        "root": "",
+        "download": False,
+        "train_fraction": 1.0,  # stratified subset of the training set (paper Fig. 5)
+        "per_class": 0,  # exact images per class instead of a fraction (0 = off)
+        "val_fraction": 0.0,  # stratified held-out split of the training data (0 = none)
+        "eval_on": "test",  # test | val: which split the per-epoch evaluation uses
+        "subset_seed": 0,
+        "cache_dir": "",  # decoded-image cache ('' = ~/.cache/lsskd, 'none' = off)
+        "mean": [],  # [] = the dataset's own statistics
+        "std": [],
+        "augment": {
+            "crop_padding": 4,
+            "flip": True,
+            "cutout": 0,  # Cutout square side in pixels (0 = off)
+            "cutmix_prob": 0.0,  # probability a batch is CutMixed (0 = off)
+            "cutmix_alpha": 1.0,
+            "jitter": 0.0,  # signals: additive Gaussian noise std (0 = off)
+            "scaling": 0.0,  # signals: per-channel scale noise std (0 = off)
+        },
+    },
+    "train": {
+        "epochs": 240,
+        "batch_size": 64,
+        "eval_batch_size": 256,
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "amp": "off",  # off | bf16 | fp16
+        "channels_last": False,
+        "compile": False,
+        "threads": 0,  # torch intra-op threads on CPU (0 = torch default)
+        "progress": True,
+        "tensorboard": True,
+        "ckpt_every_steps": 0,  # extra mid-epoch checkpoints (0 = epoch ends only)
+        "nonfinite": "stop",  # stop | skip: what a non-finite loss/gradient does
+        "max_skipped_steps": 10,
+        "max_steps_per_epoch": 0,  # cap steps per epoch (0 = full epoch); for smoke runs
+        "deterministic": False,
+        "bn_recalibrate": False,  # re-estimate BN stats on upright train images before eval
+        "sync_bn": False,
+    },
+    "optim": {
+        "name": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 5e-4,
+        "schedule": "step",  # step | cosine
+        "milestones": [150, 210],
+        "lr_decay": 0.1,
+        "warmup_epochs": 0,
+    },
+}
+
+# Keys whose value is a free-form mapping (not validated key by key).
+FREE_KEYS = {"model.kwargs"}
+
+
+def _merge(base: Dict, update: Dict, prefix: str, strict: bool) -> Dict:
+    out = copy.deepcopy(base)
+    for k, v in (update or {}).items():
+        key = f"{prefix}{k}"
+        if strict and k not in base:
+            if key.startswith("method.") or key in FREE_KEYS or prefix.rstrip(".") in FREE_KEYS:
+                out[k] = v
+                continue
+            raise ConfigError(f"unknown config key '{key}'")
+        if isinstance(base.get(k), dict) and key not in FREE_KEYS:
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
+            out[k] = _merge(base[k], v, key + ".", strict)
+        else:
+            out[k] = _check_type(key, base.get(k), v) if k in base else v
+    return out
+
+
+def _check_type(key: str, default: Any, value: Any) -> Any:
+    if default is None or key in FREE_KEYS:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return value
+    return value
+
+
+def parse_override(item: str) -> tuple[List[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def _nest(path: List[str], value: Any) -> Dict:
+    d: Dict[str, Any] = {}
+    cur = d
+    for p in path[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[path[-1]] = value
+    return d
+
+
+def load_yaml(path: str | Path) -> Dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    base = data.pop("_base_", None)
+    if base:
+        parent = load_yaml((path.parent / base).resolve())
+        data = _deep_update(parent, data)
+    return data
+
+
+def _deep_update(a: Dict, b: Dict) -> Dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(file: str | Path | None = None, overrides: List[str] | None = None) -> Dict:
+    """Defaults <- YAML file (with optional ``_base_`` inheritance) <- overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if file:
+        try:
+            cfg = _merge(cfg, load_yaml(file), "", strict=True)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
+    for item in overrides or []:
+        path, value = parse_override(item)
+        cfg = _merge(cfg, _nest(path, value), "", strict=True)
+    return cfg
+
+
+def validate_section(section: Dict, defaults: Dict, prefix: str) -> Dict:
+    """Fill and check a component's own section (e.g. ``method.``) against its defaults."""
+    out = copy.deepcopy(defaults)
+    for k, v in section.items():
+        if k == "name":
+            out[k] = v
+            continue
+        if k not in defaults:
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(defaults))})"
+            )
+        out[k] = _check_type(prefix + k, defaults[k], v)
+    return out
+
+
+def dump(cfg: Dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,4 @@
+"""Data: in-memory indexed datasets, stratified subsets, batch augmentation."""
+from .base import ArrayDataset, BatchIterator, DataBundle, DataError, stratified_indices, stratified_split  # noqa: F401
+from .augment import BatchAugment, MixInfo  # noqa: F401
+from .registry import build_data  # noqa: F401

@@ -1,0 +1,164 @@
+"""In-memory datasets that return sample indices, plus stratified subsetting.
+
+Training data lives in memory as one tensor (uint8 N x C x H x W for images,
+float32 N x C x T for signals). Batches are index tensors into it, so every
+sample keeps its index i, which per-sample state (the soft-target store) needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file, folder or value."""
+
+
+@dataclass
+class ArrayDataset:
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: List[str]
+    name: str = ""
+    # Index of each sample in the dataset it was cut from (for provenance).
+    source_index: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.y.dtype != torch.int64:
+            self.y = self.y.long()
+        if len(self.x) != len(self.y):
+            raise DataError(f"{self.name}: {len(self.x)} inputs but {len(self.y)} labels")
+        if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes)):
+            bad = int(self.y.max()) if int(self.y.max()) >= len(self.classes) else int(self.y.min())
+            raise DataError(
+                f"{self.name}: label {bad} out of range for {len(self.classes)} classes"
+            )
+        if self.source_index is None:
+            self.source_index = torch.arange(len(self.y))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, idx: torch.Tensor | Sequence[int], name: str | None = None) -> "ArrayDataset":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ArrayDataset(
+            self.x[idx], self.y[idx], list(self.classes), name or self.name, self.source_index[idx]
+        )
+
+
+@dataclass
+class DataBundle:
+    train: ArrayDataset
+    test: ArrayDataset
+    val: Optional[ArrayDataset] = None
+    mean: List[float] = field(default_factory=list)
+    std: List[float] = field(default_factory=list)
+    modality: str = "image"  # image | signal
+    info: Dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> List[str]:
+        return self.train.classes
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+def stratified_indices(
+    labels: torch.Tensor,
+    fraction: float = 1.0,
+    per_class: int = 0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Indices of a class-stratified subset: ``per_class`` samples of each class, or
+    ``round(fraction * n_c)`` of each class c (at least one). Sorted, reproducible."""
+    if per_class < 0:
+        raise DataError(f"data.per_class must be >= 0, got {per_class}")
+    if not (0.0 < fraction <= 1.0):
+        raise DataError(f"data.train_fraction must be in (0, 1], got {fraction}")
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        if per_class:
+            if per_class > len(members):
+                raise DataError(
+                    f"data.per_class={per_class} but class {c} has only {len(members)} samples"
+                )
+            k = per_class
+        else:
+            k = max(1, int(round(fraction * len(members))))
+        perm = members[torch.randperm(len(members), generator=g)]
+        keep.append(perm[:k])
+    return torch.sort(torch.cat(keep)).values
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0):
+    """(train_idx, val_idx): a class-stratified held-out split of ``val_fraction``."""
+    if not (0.0 < val_fraction < 1.0):
+        raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed + 7919)
+    tr, va = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        k = max(1, int(round(val_fraction * len(members)))) if len(members) > 1 else 0
+        va.append(members[:k])
+        tr.append(members[k:])
+    return torch.sort(torch.cat(tr)).values, torch.sort(torch.cat(va)).values
+
+
+def channel_stats(x: torch.Tensor) -> Tuple[List[float], List[float]]:
+    """Per-channel mean/std over a dataset tensor (uint8 images scaled to [0, 1])."""
+    xf = x.float()
+    if x.dtype == torch.uint8:
+        xf = xf / 255.0
+    dims = [0] + list(range(2, x.dim()))
+    return xf.mean(dims).tolist(), xf.std(dims).clamp_min(1e-8).tolist()
+
+
+class BatchIterator:
+    """Yields ``(idx, x, y)`` batches over an :class:`ArrayDataset`.
+
+    The order comes from a seeded generator owned by the caller, so it is exactly
+    reproducible and resumable (``start`` skips batches already done). With
+    ``world_size > 1`` each rank takes a disjoint, equal slice of every global batch.
+    """
+
+    def __init__(self, ds: ArrayDataset, batch_size: int, shuffle: bool, drop_last: bool,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size <= 0:
+            raise DataError(f"batch size must be positive, got {batch_size}")
+        self.ds, self.bs, self.shuffle, self.drop_last = ds, batch_size, shuffle, drop_last
+        self.rank, self.world = rank, world_size
+        if drop_last and len(ds) < batch_size:
+            raise DataError(
+                f"{ds.name or 'dataset'} has {len(ds)} samples, fewer than one batch of "
+                f"{batch_size}; lower train.batch_size"
+            )
+
+    def __len__(self) -> int:
+        n = len(self.ds)
+        return n // self.bs if self.drop_last else -(-n // self.bs)
+
+    def order(self, generator: torch.Generator | None) -> torch.Tensor:
+        n = len(self.ds)
+        return torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+
+    def batches(self, order: torch.Tensor, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for b in range(start, len(self)):
+            idx = order[b * self.bs : (b + 1) * self.bs]
+            if self.world > 1:
+                per = len(idx) // self.world
+                idx = idx[self.rank * per : (self.rank + 1) * per]
+            yield idx, self.ds.x[idx], self.ds.y[idx]

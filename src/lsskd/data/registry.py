@@ -1,0 +1,60 @@
+"""Dataset factories and :func:`build_data`, which applies the config's subsetting."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from ..registry import DATASETS
+from .base import DataBundle, DataError, channel_stats, stratified_indices, stratified_split
+from .folder import load_class_folder
+
+CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
+CIFAR100_STD = [0.2673, 0.2564, 0.2762]
+
+
+def _root(cfg: Dict) -> Path:
+    root = cfg.get("root") or ""
+    if not root:
+        raise DataError(f"data.root must be set for dataset '{cfg['name']}'")
+    return Path(root).expanduser()
+
+
+@DATASETS.register("folder")
+def folder_dataset(cfg: Dict) -> DataBundle:
+    """A class-folder tree with ``train/`` and ``test/`` under ``data.root``."""
+    root = _root(cfg)
+    if not root.is_dir():
+        raise DataError(f"data.root does not exist: {root}")
+    train = load_class_folder(root / "train", cache_dir=cfg.get("cache_dir", ""), name=f"{root}/train")
+    test = load_class_folder(root / "test", classes=train.classes, cache_dir=cfg.get("cache_dir", ""),
+                             name=f"{root}/test")
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise DataError(f"train images {tuple(train.x.shape[1:])} and test images "
+                        f"{tuple(test.x.shape[1:])} under {root} differ in size")
+    return DataBundle(train, test)
+
+
+def build_data(cfg: Dict) -> DataBundle:
+    """Build the dataset named by ``data.name`` and apply, in order: the stratified
+    training fraction / per-class count, the held-out validation split, and
+    normalisation statistics (the dataset's own unless given)."""
+    bundle: DataBundle = DATASETS.build(cfg["name"], cfg)
+    train = bundle.train
+    if cfg.get("per_class", 0) or cfg.get("train_fraction", 1.0) < 1.0:
+        idx = stratified_indices(train.y, cfg.get("train_fraction", 1.0), cfg.get("per_class", 0),
+                                 cfg.get("subset_seed", 0))
+        train = train.subset(idx)
+    if cfg.get("val_fraction", 0.0) > 0:
+        tr, va = stratified_split(train.y, cfg["val_fraction"], cfg.get("subset_seed", 0))
+        bundle.val = train.subset(va, name=f"{train.name}[val]")
+        train = train.subset(tr)
+    bundle.train = train
+    if cfg.get("mean"):
+        bundle.mean, bundle.std = list(cfg["mean"]), list(cfg["std"])
+        if len(bundle.mean) != train.x.shape[1] or len(bundle.std) != train.x.shape[1]:
+            raise DataError(f"data.mean/data.std need {train.x.shape[1]} values each")
+    elif not bundle.mean:
+        bundle.mean, bundle.std = channel_stats(train.x)
+    if cfg.get("eval_on", "test") == "val" and bundle.val is None:
+        raise DataError("data.eval_on=val needs data.val_fraction > 0")
+    return bundle

@@ -1,0 +1,50 @@
+"""Rebuild a trained method from a checkpoint and evaluate it."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from ..config import DEFAULTS, _merge, build_config
+from ..data import BatchAugment, build_data
+from .checkpoint import load_checkpoint
+from .distributed import DistInfo
+from .profile import count_params
+from .trainer import build_method, evaluate, resolve_device
+
+
+def load_trained(path, overrides: List[str] | None = None, weights_only: bool = True, device="cpu"):
+    """(method, cfg, checkpoint dict) with the method's weights restored."""
+    st = load_checkpoint(path, weights_only=weights_only)
+    cfg = _merge(DEFAULTS, st["config"], "", strict=True)
+    if overrides:
+        over = build_config(None, overrides)
+        for item in overrides:
+            key = item.split("=", 1)[0].split(".")
+            src, dst = over, cfg
+            for k in key[:-1]:
+                src, dst = src[k], dst[k]
+            dst[key[-1]] = src[key[-1]]
+    return cfg, st
+
+
+def evaluate_checkpoint(path, split="test", device="auto", overrides=None, weights_only=True) -> Dict:
+    cfg, st = load_trained(path, overrides, weights_only)
+    dev = resolve_device(device, DistInfo())
+    bundle = build_data(cfg["data"])
+    method = build_method(cfg, bundle)
+    method.load_state_dict(st["method"])
+    method.to(dev)
+    ds = bundle.val if split == "val" else bundle.test
+    if ds is None:
+        raise ValueError("split 'val' needs data.val_fraction > 0 in the run's config")
+    aug = BatchAugment(st["mean"], st["std"], st.get("modality", "image"))
+    res = evaluate(method, ds, aug, cfg["train"]["eval_batch_size"], dev)
+    out = {"checkpoint": str(path), "epoch": st["epoch"], "split": split,
+           "method": cfg["method"]["name"], "model": cfg["model"]["name"],
+           f"{split}_top1": res["top1"], f"{split}_top5": res["top5"], f"{split}_loss": res["loss"],
+           "params_deployed": count_params(method.deploy())}
+    for k, v in res.items():
+        if k.startswith("branch"):
+            out[k] = v
+    return out

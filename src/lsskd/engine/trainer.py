@@ -1,0 +1,456 @@
+"""The training loop: the paper's recipe by default, resumable to the step.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON line per
+epoch), ``summary.json``, ``last.pt`` / ``best.pt`` (atomic, checksummed) and
+TensorBoard events under ``tb/``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import __version__
+from ..config import ConfigError, dump
+from ..data import BatchAugment, BatchIterator, DataBundle, build_data
+from ..models import build_model
+from ..registry import METHODS
+from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .profile import count_macs, count_params
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names epoch, step and term."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory would be overwritten, or cannot be resumed."""
+
+
+def resolve_device(pref: str, dist_info: DistInfo) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda" and dist_info.enabled:
+        return torch.device("cuda", dist_info.local_rank)
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={pref} but CUDA is not available")
+    return torch.device(pref)
+
+
+def lr_at(cfg_optim: Dict, epochs: int, epoch0: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate for 0-based ``epoch0`` and step within it."""
+    base = cfg_optim["lr"]
+    t = epoch0 + step / max(1, steps_per_epoch)
+    warm = cfg_optim.get("warmup_epochs", 0)
+    if warm and t < warm:
+        return base * (t + 1.0 / max(1, steps_per_epoch)) / warm
+    if cfg_optim["schedule"] == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * t / epochs))
+    if cfg_optim["schedule"] == "step":
+        n = sum(epoch0 >= m for m in cfg_optim["milestones"])
+        return base * cfg_optim["lr_decay"] ** n
+    raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {cfg_optim['schedule']!r}")
+
+
+def build_optimizer(params, cfg_optim: Dict) -> torch.optim.Optimizer:
+    if cfg_optim["name"] != "sgd":
+        raise ConfigError(f"optim.name must be 'sgd', got {cfg_optim['name']!r}")
+    # No weight decay on norm parameters/biases is a common tweak; the paper decays all.
+    return torch.optim.SGD(params, lr=cfg_optim["lr"], momentum=cfg_optim["momentum"],
+                           nesterov=cfg_optim["nesterov"], weight_decay=cfg_optim["weight_decay"])
+
+
+def build_method(cfg: Dict, bundle: DataBundle):
+    backbone = build_model(cfg["model"]["name"], len(bundle.classes), **cfg["model"].get("kwargs", {}))
+    cls = METHODS.get(cfg["method"]["name"])
+    return cls(backbone, cfg["method"], num_train=len(bundle.train), modality=bundle.modality,
+               input_shape=bundle.input_shape, train_labels=bundle.train.y)
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> Dict[int, int]:
+    k = min(max(ks), logits.shape[1])
+    pred = logits.topk(k, dim=1).indices
+    hit = pred == y[:, None]
+    return {kk: int(hit[:, : min(kk, k)].any(1).sum()) for kk in ks}
+
+
+@torch.no_grad()
+def evaluate(method, ds, aug: BatchAugment, batch_size: int, device, channels_last=False,
+             autocast=nullcontext) -> Dict[str, float]:
+    """Top-1/top-5 and loss of the deployed backbone, plus any extra heads'
+    top-1 (``<head>_top1``) from ``method.eval_outputs``."""
+    was = method.training
+    method.eval()
+    n, loss_sum, c1, c5 = 0, 0.0, 0, 0
+    extra: Dict[str, int] = {}
+    for start in range(0, len(ds), batch_size):
+        x = ds.x[start : start + batch_size].to(device, non_blocking=True)
+        y = ds.y[start : start + batch_size].to(device, non_blocking=True)
+        x, _ = aug(x, None, train=False)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = method(x).float()
+            outs = method.eval_outputs(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        hits = topk_correct(logits, y)
+        c1 += hits[1]
+        c5 += hits[5]
+        for name, lg in outs.items():
+            extra[name] = extra.get(name, 0) + topk_correct(lg.float(), y, ks=(1,))[1]
+        n += len(y)
+    method.train(was)
+    out = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n}
+    out.update({f"{k}_top1": 100.0 * v / n for k, v in extra.items()})
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn(backbone: nn.Module, ds, aug: BatchAugment, batch_size: int, device,
+                   max_batches: int = 50) -> None:
+    """Re-estimate batch-norm running statistics on untransformed training images
+    (the eval-time distribution), as a cumulative average over ``max_batches``."""
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was = backbone.training
+    backbone.train()
+    for b, start in enumerate(range(0, len(ds), batch_size)):
+        if b >= max_batches:
+            break
+        x, _ = aug(ds.x[start : start + batch_size].to(device), None, train=False)
+        backbone(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    backbone.train(was)
+
+
+class Trainer:
+    def __init__(self, cfg: Dict, resume: bool = False, bundle: DataBundle | None = None):
+        self.cfg = cfg
+        self.tcfg = cfg["train"]
+        self.dist = init_distributed(self.tcfg["device"])
+        self.device = resolve_device(self.tcfg["device"], self.dist)
+        self.run_dir = Path(cfg["out_dir"])
+        self.resume = resume
+        self._check_run_dir()
+        if self.tcfg["threads"] > 0:
+            torch.set_num_threads(self.tcfg["threads"])
+        if self.tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg["seed"])
+        self.bundle = bundle or build_data(cfg["data"])
+        torch.manual_seed(cfg["seed"])  # model init independent of data loading
+        self.method = build_method(cfg, self.bundle).to(self.device)
+        if self.tcfg["channels_last"]:
+            self.method.to(memory_format=torch.channels_last)
+        if self.dist.enabled and self.tcfg["sync_bn"]:
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        acfg = cfg["data"]["augment"]
+        self.aug = BatchAugment(self.bundle.mean, self.bundle.std, self.bundle.modality,
+                                acfg["crop_padding"], acfg["flip"], acfg["cutout"],
+                                acfg["cutmix_prob"], acfg["cutmix_alpha"], acfg["jitter"], acfg["scaling"])
+        self.optimizer = build_optimizer(self.method.parameters(), cfg["optim"])
+        amp = self.tcfg["amp"]
+        if amp not in ("off", "bf16", "fp16"):
+            raise ConfigError(f"train.amp must be off, bf16 or fp16, got {amp!r}")
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
+        self.model_for_step = self.method
+        if self.dist.enabled:
+            self.model_for_step = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.tcfg["compile"]:
+            for child in self.method.children():
+                child.compile()
+        self.iterator = BatchIterator(self.bundle.train, self.tcfg["batch_size"] // self.dist.world_size
+                                      * self.dist.world_size, True, True,
+                                      self.dist.rank, self.dist.world_size)
+        self.data_gen = torch.Generator().manual_seed(cfg["seed"])
+        self.aug_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        self.start_epoch, self.start_step, self.order = 0, 0, None
+        self.best = {"top1": -1.0, "epoch": 0}
+        self.train_seconds = 0.0
+        self.skipped_steps = 0
+        self.accum: Dict[str, float] = {}
+        self.writer = None
+        if resume:
+            self._load(self.run_dir / "last.pt")
+
+    # --- run directory -------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        if self.resume:
+            if not (self.run_dir / "last.pt").is_file():
+                raise RunDirError(f"cannot resume: no checkpoint {self.run_dir / 'last.pt'}")
+            return
+        if self.run_dir.exists() and any(
+            (self.run_dir / f).exists() for f in ("config.yaml", "last.pt", "metrics.jsonl", "summary.json")
+        ):
+            raise RunDirError(
+                f"run directory {self.run_dir} already holds a run; resume it with "
+                f"`lsskd train --resume {self.run_dir}` or choose another out_dir"
+            )
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- checkpoints -----------------------------------------------------------
+    def _state(self, epoch_done: int, step: int) -> Dict:
+        return {
+            "format": "lsskd-checkpoint-1",
+            "version": __version__,
+            "config": self.cfg,
+            "classes": list(self.bundle.classes),
+            "mean": list(self.bundle.mean),
+            "std": list(self.bundle.std),
+            "input_shape": list(self.bundle.input_shape),
+            "modality": self.bundle.modality,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch_done,
+            "step": step,
+            "order": self.order if step else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "data": self.data_gen.get_state(),
+                "aug": self.aug_gen.get_state(),
+            },
+            "best": dict(self.best),
+            "train_seconds": self.train_seconds,
+            "skipped_steps": self.skipped_steps,
+            "accum": dict(self.accum),
+        }
+
+    def save(self, epoch_done: int, step: int) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self._state(epoch_done, step), self.run_dir / "last.pt")
+
+    def _load(self, path: Path) -> None:
+        try:
+            st = load_checkpoint(path)
+        except CheckpointError:
+            backup = path.with_name("last.prev.pt")
+            if not backup.is_file():
+                raise
+            print(f"warning: {path} is damaged; resuming from the previous checkpoint {backup}")
+            st = load_checkpoint(backup)
+        self.method.load_state_dict(st["method"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if st["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        self.data_gen.set_state(st["rng"]["data"])
+        self.aug_gen.set_state(st["rng"]["aug"])
+        self.start_epoch, self.start_step = st["epoch"], st["step"]
+        self.order = st["order"]
+        self.best = st["best"]
+        self.train_seconds = st["train_seconds"]
+        self.skipped_steps = st["skipped_steps"]
+        self.accum = st["accum"]
+
+    # --- loop ------------------------------------------------------------------
+    def fit(self) -> Dict:
+        cfg, t = self.cfg, self.tcfg
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
+                atomic_write_text(self.run_dir / "metrics.jsonl", "")
+            else:
+                self._truncate_metrics(self.start_epoch)
+            self.writer = _tensorboard(self.run_dir / "tb") if t["tensorboard"] else None
+        epochs = t["epochs"]
+        steps = len(self.iterator)
+        if t["max_steps_per_epoch"]:
+            steps = min(steps, t["max_steps_per_epoch"])
+        eval_ds = self.bundle.val if cfg["data"]["eval_on"] == "val" else self.bundle.test
+        last_eval: Dict[str, float] = {}
+        for epoch0 in range(self.start_epoch, epochs):
+            t0 = time.time()
+            self.method.train()
+            self.method.on_epoch_start(epoch0 + 1, epochs)
+            if self.start_step == 0 or self.order is None:
+                self.order = self.iterator.order(self.data_gen)
+                self.accum = {}
+            first = self.start_step
+            self.start_step = 0
+            bar = _progress(t["progress"] and main, steps, first, f"epoch {epoch0 + 1}/{epochs}")
+            for step, (idx, xb, yb) in enumerate(self.iterator.batches(self.order, first), start=first):
+                if step >= steps:
+                    break
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr_at(cfg["optim"], epochs, epoch0, step, steps)
+                self._train_step(idx, xb, yb, epoch0, step)
+                if bar is not None:
+                    n = max(1.0, self.accum.get("n", 1.0))
+                    bar.set_postfix(loss=f"{self.accum.get('loss', 0) / n:.3f}",
+                                    img_s=f"{self.accum.get('n', 0) / max(1e-9, time.time() - t0):.0f}")
+                    bar.update(1)
+                if t["ckpt_every_steps"] and (step + 1) % t["ckpt_every_steps"] == 0 and step + 1 < steps:
+                    self.train_seconds += time.time() - t0
+                    t0 = time.time()
+                    self.save(epoch0, step + 1)
+            if bar is not None:
+                bar.close()
+            train_stats = self._reduce_accum()
+            self.method.on_epoch_end(train_stats)
+            self.train_seconds += time.time() - t0
+            if t["bn_recalibrate"]:
+                recalibrate_bn(self.method.backbone, self.bundle.train, self.aug, t["eval_batch_size"], self.device)
+            last_eval = evaluate(self.method, eval_ds, self.aug, t["eval_batch_size"], self.device,
+                                 t["channels_last"], self.autocast)
+            row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"train_{k}": v for k, v in train_stats.items()},
+                   **{f"{cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()},
+                   "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
+                   "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0)}
+            if last_eval["top1"] > self.best["top1"]:
+                self.best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "epoch": epoch0 + 1}
+                if main:
+                    save_checkpoint(self._state(epoch0 + 1, 0), self.run_dir / "best.pt")
+            if main:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if self.writer is not None:
+                    for k, v in row.items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            self.writer.add_scalar(k.replace("_", "/", 1), v, epoch0 + 1)
+                    self.writer.flush()
+                if (self.run_dir / "last.pt").is_file():
+                    os.replace(self.run_dir / "last.pt", self.run_dir / "last.prev.pt")
+                self.save(epoch0 + 1, 0)
+        summary = self._summary(last_eval)
+        if main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            if self.writer is not None:
+                self.writer.close()
+        return summary
+
+    def _train_step(self, idx, xb, yb, epoch0, step):
+        dev = self.device
+        extra = self.method.sample_extra(idx, self.bundle.train.y, self.aug_gen)
+        if extra is not None:
+            idx = torch.cat([idx, extra])
+            xb, yb = self.bundle.train.x[idx], self.bundle.train.y[idx]
+        xb = xb.to(dev, non_blocking=True)
+        yb = yb.to(dev, non_blocking=True)
+        x, mix = self.aug(xb, self.aug_gen, train=True)
+        if self.tcfg["channels_last"] and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            logits, losses = self.model_for_step(x, yb, idx.to(dev), mix)
+        loss = sum(losses.values())
+        bad = not torch.isfinite(loss)
+        if not bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), float("inf"))
+            # With fp16 the scaler skips inf-gradient steps itself; elsewhere that is a fault.
+            bad = not torch.isfinite(gnorm) and not self.scaler.is_enabled()
+            which = "gradient"
+        else:
+            which = ", ".join(k for k, v in losses.items() if not torch.isfinite(v)) or "total"
+        if bad:
+            msg = (f"non-finite {'loss term(s) ' + which if which != 'gradient' else 'gradient'} "
+                   f"at epoch {epoch0 + 1}, step {step + 1}")
+            if self.tcfg["nonfinite"] == "skip" and self.skipped_steps < self.tcfg["max_skipped_steps"]:
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                print(f"warning: {msg}; step skipped ({self.skipped_steps}/{self.tcfg['max_skipped_steps']})")
+                return
+            raise NonFiniteError(f"{msg}; the last good checkpoint is {self.run_dir / 'last.pt'}. "
+                                 "Lower optim.lr, or set train.nonfinite=skip to skip such steps")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step()
+        b = len(yb) if extra is None else len(yb) - len(extra)
+        a = self.accum
+        a["n"] = a.get("n", 0.0) + b
+        a["loss"] = a.get("loss", 0.0) + float(loss.detach()) * b
+        for k, v in losses.items():
+            a[f"loss_{k}"] = a.get(f"loss_{k}", 0.0) + float(v.detach()) * b
+        a["correct"] = a.get("correct", 0.0) + float((logits[:b].argmax(1) == yb[:b]).sum())
+
+    def _reduce_accum(self) -> Dict[str, float]:
+        keys = sorted(self.accum)
+        vals = torch.tensor([self.accum[k] for k in keys], dtype=torch.float64)
+        vals = all_reduce_sum(vals)
+        tot = dict(zip(keys, vals.tolist()))
+        n = max(1.0, tot.get("n", 1.0))
+        out = {k: v / n for k, v in tot.items() if k not in ("n", "correct")}
+        out["top1"] = 100.0 * tot.get("correct", 0.0) / n
+        out["n"] = tot.get("n", 0.0)
+        return out
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in rows if json.loads(ln)["epoch"] <= epochs_done]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def _summary(self, last_eval: Dict[str, float]) -> Dict:
+        cfg = self.cfg
+        deployed = self.method.deploy()
+        shape = self.bundle.input_shape
+        summary = {
+            "method": cfg["method"]["name"],
+            "model": cfg["model"]["name"],
+            "dataset": cfg["data"]["name"],
+            "seed": cfg["seed"],
+            "epochs": cfg["train"]["epochs"],
+            "eval_on": cfg["data"]["eval_on"],
+            "train_size": len(self.bundle.train),
+            "test_top1": last_eval.get("top1"),
+            "test_top5": last_eval.get("top5"),
+            "test_top1_best": self.best["top1"],
+            "best_epoch": self.best["epoch"],
+            "params_deployed": count_params(deployed),
+            "params_train": count_params(self.method),
+            "macs_deployed": count_macs(deployed, shape),
+            "macs_train": self.method.training_macs(shape) if hasattr(self.method, "training_macs") else None,
+            "train_seconds": round(self.train_seconds, 2),
+            "skipped_steps": self.skipped_steps,
+            "version": __version__,
+        }
+        branches = sorted(k for k in last_eval if k.startswith("branch") and k.endswith("_top1"))
+        if branches:
+            summary["branch_top1"] = [last_eval[k] for k in branches]
+        return summary
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,9 @@
+"""Backbone zoo. Every model is a :class:`StagedBackbone` registered by name."""
+from .staged import GlobalPool, StagedAdapter, StagedBackbone, describe_stages  # noqa: F401
+from . import cifar_resnet  # noqa: F401
+
+from ..registry import MODELS
+
+
+def build_model(name: str, num_classes: int, **kwargs) -> StagedBackbone:
+    return MODELS.build(name, num_classes=num_classes, **kwargs)

@@ -1,0 +1,198 @@
+"""The stage contract every backbone honours.
+
+A ``StagedBackbone`` is ``stem -> stages[0..S-1] -> final -> pool -> classifier``.
+Auxiliary heads (LSSKD/HSAKD branches, BYOT exits) are built from this contract
+alone, so any model that fills it in gets them without being edited, and the
+deployed model is exactly the backbone.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+def kaiming_init(m: nn.Module) -> None:
+    """The initialisation shared by the CIFAR model zoo (He et al. for convs)."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        m.reset_parameters()
+
+
+class GlobalPool(nn.Module):
+    """Global average pooling over all spatial/temporal dims, flattened to (B, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).mean(-1)
+
+
+class StagedBackbone(nn.Module):
+    """Base class. Subclasses set ``stem``, ``stages``, ``final``, ``classifier``.
+
+    Attributes filled by :meth:`_finish`:
+      ``stage_channels[l]``, ``stage_strides[l]`` (stride of stage l w.r.t. its input),
+      ``feature_dim`` (size of the pooled feature h), ``num_classes``.
+    """
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    final: nn.Module
+    pool: nn.Module
+    classifier: nn.Linear
+    # Input used to probe channels/strides; 1D models override.
+    probe_shape: Tuple[int, ...] = (3, 32, 32)
+
+    def init_module(self, m: nn.Module) -> None:
+        kaiming_init(m)
+
+    def _finish(self, probe_shape: Sequence[int] | None = None) -> None:
+        if not hasattr(self, "pool"):
+            self.pool = GlobalPool()
+        if probe_shape is not None:
+            self.probe_shape = tuple(probe_shape)
+        self.apply(self.init_module)
+        self.stage_channels, self.stage_strides = describe_stages(self)
+        self.feature_dim = self.classifier.in_features
+        self.num_classes = self.classifier.out_features
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def head(self, last: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Last stage output -> (pooled feature h, logits)."""
+        h = self.pool(self.final(last))
+        return h, self.classifier(h)
+
+    def forward_features(self, x: torch.Tensor):
+        """Returns (stage outputs, pooled feature h, logits)."""
+        feats = self.forward_stages(x)
+        h, logits = self.head(feats[-1])
+        return feats, h, logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_stages(x)[-1])[1]
+
+    # --- branch building -------------------------------------------------
+    def fresh_copy(self, module: nn.Module) -> nn.Module:
+        new = copy.deepcopy(module)
+        new.apply(self.init_module)
+        for m in new.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+        return new
+
+    def extra_block(self) -> nn.Module:
+        """One stride-1 block of the last stage's type (for the deepest branch).
+
+        Default: a fresh copy of the last stage's last block, which in every
+        standard design maps C_S -> C_S at stride 1. Override if not.
+        """
+        last = self.stages[-1]
+        block = list(last.children())[-1] if len(list(last.children())) else last
+        return self.fresh_copy(block)
+
+    def branch_trunk(self, level: int) -> nn.Module:
+        """Layers a branch reading stage ``level`` (0-based) applies before pooling:
+        fresh copies of stages level+1..S-1 (or one extra block for the deepest),
+        then a fresh copy of ``final``."""
+        if level < self.num_stages - 1:
+            parts = [self.fresh_copy(s) for s in self.stages[level + 1 :]]
+        else:
+            parts = [self.extra_block()]
+        parts.append(self.fresh_copy(self.final))
+        return nn.Sequential(*parts)
+
+
+@torch.no_grad()
+def describe_stages(model: StagedBackbone) -> Tuple[List[int], List[int]]:
+    """Probe one input to read each stage's channels and stride (w.r.t. its input)."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *model.probe_shape)
+    chans, strides = [], []
+    x = model.stem(x)
+    for stage in model.stages:
+        y = stage(x)
+        chans.append(y.shape[1])
+        strides.append(max(1, round(x.shape[-1] / y.shape[-1])))
+        x = y
+    model.train(was_training)
+    return chans, strides
+
+
+def _resolve(root: nn.Module, name: str) -> nn.Module:
+    mod = root
+    for part in name.split("."):
+        if not hasattr(mod, part):
+            raise KeyError(f"module has no submodule '{name}' (failed at '{part}')")
+        mod = getattr(mod, part)
+    return mod
+
+
+class StagedAdapter(StagedBackbone):
+    """Wrap a user's own ``nn.Module`` into the stage contract by naming submodules.
+
+    >>> net = StagedAdapter(my_net, stem=["conv1", "bn1", "relu"],
+    ...                     stages=["layer1", "layer2", "layer3"], classifier="fc")
+
+    The wrapped model's parameters are shared (not copied); its forward must be
+    ``stem -> stages -> [final] -> global average pool -> classifier``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stem: str | Sequence[str],
+        stages: Sequence[str],
+        classifier: str,
+        final: str | Sequence[str] | None = None,
+        probe_shape: Sequence[int] = (3, 32, 32),
+        extra_block: nn.Module | None = None,
+    ):
+        super().__init__()
+
+        def seq(names):
+            if names is None:
+                return nn.Identity()
+            if isinstance(names, str):
+                names = [names]
+            mods = [_resolve(model, n) for n in names]
+            return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+        self.stem = seq(stem)
+        self.stages = nn.ModuleList([_resolve(model, n) for n in stages])
+        self.final = seq(final)
+        self.pool = GlobalPool()
+        clf = _resolve(model, classifier)
+        if not isinstance(clf, nn.Linear):
+            raise TypeError(f"classifier '{classifier}' must be nn.Linear, got {type(clf).__name__}")
+        self.classifier = clf
+        self._extra = extra_block
+        self.probe_shape = tuple(probe_shape)
+        # No re-initialisation: the user's weights are kept.
+        self.stage_channels, self.stage_strides = describe_stages(self)
+        self.feature_dim = clf.in_features
+        self.num_classes = clf.out_features
+
+    def extra_block(self) -> nn.Module:
+        if self._extra is not None:
+            return self.fresh_copy(self._extra)
+        return super().extra_block()
