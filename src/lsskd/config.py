@@ -33,6 +33,9 @@ DEFAULTS: Dict[str, Any] = {
         "eval_on": "test",  # test | val: which split the per-epoch evaluation uses
         "subset_seed": 0,
         "cache_dir": "",  # decoded-image cache ('' = ~/.cache/lsskd, 'none' = off)
+        "image_size": 0,  # resize images to this square size (0 = native; digits: 8 or 16)
+        "url": "",  # download URL override (https:// or file://; '' = the official one)
+        "checksum": "",  # 'md5:<hex>' or 'sha256:<hex>' for data.url ('' = official)
         "mean": [],  # [] = the dataset's own statistics
         "std": [],
         "augment": {
