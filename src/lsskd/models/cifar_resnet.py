@@ -54,6 +54,11 @@ class CifarResNet(StagedBackbone):
         self.classifier = nn.Linear(cin, num_classes)
         self._finish((in_channels, 32, 32))
 
+    def extra_block(self) -> nn.Module:
+        # With one block per stage (resnet8) the last block changes width and stride.
+        c = self.stage_channels[-1]
+        return self.fresh_copy(BasicBlock(c, c, 1))
+
 
 def _register(depth: int, widths, name: str):
     @MODELS.register(name)

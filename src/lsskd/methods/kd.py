@@ -1,0 +1,127 @@
+"""Classic knowledge distillation from a trained teacher (Hinton, Vinyals & Dean,
+"Distilling the Knowledge in a Neural Network", NIPS DL Workshop 2015)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from .base import Method, mix_targets, register_method, soft_cross_entropy
+
+
+def soft_kl(target: torch.Tensor, logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * mean_i KL(target_i || softmax(logits_i / T)); ``target`` holds probabilities
+    and is treated as a constant. T^2 keeps gradient magnitudes comparable across T
+    (Hinton et al. 2015, Sec. 2)."""
+    target = target.detach().float()
+    logq = F.log_softmax(logits.float() / T, dim=-1)
+    kl = (torch.xlogy(target, target) - target * logq).sum(-1)
+    return (T * T) * kl.mean()
+
+
+def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
+                 classes: Sequence[str] | None = None, key: str = "method.teacher_checkpoint") -> nn.Module:
+    """The deployed backbone of a run trained by this tool, frozen and in eval mode.
+
+    The architecture comes from the checkpoint's own stored config; only the
+    ``backbone.*`` weights are used, so the teacher may have been trained by any method.
+    """
+    from ..engine.checkpoint import CheckpointError
+    from ..engine.evaluation import load_trained
+    from ..models import build_model
+
+    if not path:
+        raise ConfigError(f"{key} must name a checkpoint (e.g. runs/teacher/best.pt) for method 'kd'")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}: teacher checkpoint not found: {path}")
+    cfg, st = load_trained(path)  # weights_only load
+    t_classes = list(st.get("classes", []))
+    if len(t_classes) != num_classes:
+        raise ConfigError(f"{key}: teacher {path} predicts {len(t_classes)} classes, "
+                          f"the student {num_classes}")
+    if classes is not None and list(classes) != t_classes:
+        diff = next(i for i, (a, b) in enumerate(zip(classes, t_classes)) if a != b)
+        raise ConfigError(f"{key}: teacher {path} has different classes (index {diff}: "
+                          f"teacher '{t_classes[diff]}', student '{classes[diff]}')")
+    if input_shape is not None and list(st.get("input_shape", input_shape)) != list(input_shape):
+        raise ConfigError(f"{key}: teacher {path} was trained on inputs {tuple(st['input_shape'])}, "
+                          f"the student's are {tuple(input_shape)}")
+    model_cfg = cfg["model"]
+    teacher = build_model(model_cfg["name"], num_classes, **model_cfg.get("kwargs", {}))
+    weights = {k[len("backbone."):]: v for k, v in st["method"].items() if k.startswith("backbone.")}
+    try:
+        teacher.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"teacher {path}: weights do not fit model "
+                              f"'{model_cfg['name']}': {e}") from None
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@register_method("kd")
+class KnowledgeDistillation(Method):
+    """Hinton KD from a frozen teacher checkpoint.
+
+    L = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+    Paper: Hinton et al. 2015. Defaults: ``method.T`` = 4, ``method.alpha`` = 0.9 (the
+    CIFAR-100 settings of the CRD/HSAKD benchmark code), ``method.teacher_checkpoint``
+    = '' (required: a ``last.pt``/``best.pt`` written by ``lsskd train``).
+
+    The teacher is held outside the module tree: it is not in ``state_dict()`` (so
+    checkpoints hold only the student), not in ``parameters()`` (not optimised or
+    counted), always in eval mode, and follows ``.to(device)``. ``deploy()`` returns
+    the student backbone. The teacher sees the batch as normalised for the student,
+    so train it on the same data (same normalisation statistics). With CutMix the
+    one-hot targets are mixed; the teacher labels the mixed image itself.
+    """
+
+    defaults = {"teacher_checkpoint": "", "T": 4.0, "alpha": 0.9}
+
+    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
+        super().__init__(backbone, cfg, num_train, **context)
+        if self.cfg["T"] <= 0:
+            raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
+        if not 0.0 <= self.cfg["alpha"] <= 1.0:
+            raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
+        teacher = load_teacher(self.cfg["teacher_checkpoint"], self.num_classes,
+                               context.get("input_shape"), context.get("classes"))
+        # A plain list hides the teacher from nn.Module's registration.
+        self._teacher = [teacher]
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def train_forward(self, x, y, idx, mix):
+        T, alpha = self.cfg["T"], self.cfg["alpha"]
+        logits = self.backbone(x)
+        with torch.no_grad():
+            t_prob = F.softmax(self.teacher(x).float() / T, dim=-1)
+        onehot = mix_targets(F.one_hot(y, self.num_classes).float(), mix)
+        return logits, {
+            "ce": (1.0 - alpha) * soft_cross_entropy(logits, onehot),
+            "kd": alpha * soft_kl(t_prob, logits, T),
+        }
+
+    def training_macs(self, input_shape) -> int:
+        from ..engine.profile import count_macs
+
+        return count_macs(self.backbone, input_shape) + count_macs(self.teacher, input_shape)
