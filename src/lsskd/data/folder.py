@@ -82,6 +82,20 @@ def load_class_folder(
 ) -> ArrayDataset:
     split_dir = Path(split_dir)
     classes, items = list_class_folder(split_dir, classes)
+    return load_items(items, classes, image_size, cache_dir, name or str(split_dir))
+
+
+def load_items(
+    items: List[Tuple[Path, int]],
+    classes: List[str],
+    image_size: Optional[Tuple[int, int]] = None,
+    cache_dir: str | Path | None = "",
+    name: str = "",
+) -> ArrayDataset:
+    """Decode ``[(image path, label)]`` into an :class:`ArrayDataset`, with the same
+    on-disk cache as :func:`load_class_folder` (for layouts that are not class folders)."""
+    if not items:
+        raise DataError(f"{name or 'dataset'}: no image files to load")
     cache_path = None
     if cache_dir != "none" and cache_dir is not None:
         cdir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -90,7 +104,7 @@ def load_class_folder(
             try:
                 with np.load(cache_path) as z:
                     return ArrayDataset(torch.from_numpy(z["x"]), torch.from_numpy(z["y"]),
-                                        classes, name or str(split_dir))
+                                        classes, name)
             except Exception:
                 pass  # a damaged cache is rebuilt below
     arrays = []
@@ -115,4 +129,4 @@ def load_class_folder(
             os.replace(tmp, cache_path)
         except OSError:
             pass  # caching is an optimisation only
-    return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), classes, name or str(split_dir))
+    return ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), classes, name)

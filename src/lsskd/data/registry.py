@@ -25,9 +25,12 @@ def folder_dataset(cfg: Dict) -> DataBundle:
     root = _root(cfg)
     if not root.is_dir():
         raise DataError(f"data.root does not exist: {root}")
-    train = load_class_folder(root / "train", cache_dir=cfg.get("cache_dir", ""), name=f"{root}/train")
-    test = load_class_folder(root / "test", classes=train.classes, cache_dir=cfg.get("cache_dir", ""),
-                             name=f"{root}/test")
+    size = int(cfg.get("image_size", 0) or 0)
+    image_size = (size, size) if size else None
+    train = load_class_folder(root / "train", image_size=image_size, cache_dir=cfg.get("cache_dir", ""),
+                              name=f"{root}/train")
+    test = load_class_folder(root / "test", classes=train.classes, image_size=image_size,
+                             cache_dir=cfg.get("cache_dir", ""), name=f"{root}/test")
     if train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(f"train images {tuple(train.x.shape[1:])} and test images "
                         f"{tuple(test.x.shape[1:])} under {root} differ in size")
