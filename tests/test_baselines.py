@@ -170,8 +170,8 @@ def test_cskd_golden_loss_uses_pair_predictions():
     x = torch.cat([torch.zeros(3, 1), torch.ones(3, 1)])
     logits, losses = m(x, torch.tensor(Y + Y), torch.arange(6), None)
     assert logits.shape == (3, C)
-    assert float(losses["ce"]) == pytest.approx(want_ce, rel=1e-6)
-    assert float(losses["cls"]) == pytest.approx(want_cls, rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(want_ce, rel=1e-6)
+    assert losses["cls"].item() == pytest.approx(want_cls, rel=1e-5)
 
 
 # --- byot ----------------------------------------------------------------------
@@ -195,10 +195,10 @@ def test_byot_exits_losses_and_deploy():
             want_bce += 0.7 * ce(z[i].tolist(), onehot(int(y[i]), 5)) / 6
             want_kd += 0.3 * 9 * kl(softmax(zs[i], 3), softmax(z[i].tolist(), 3)) / 6
             want_feat += 0.03 * sum((a - b) ** 2 for a, b in zip(h[i].tolist(), h_deep[i].tolist())) / 6
-    assert float(losses["ce"]) == pytest.approx(want_ce, rel=1e-4)
-    assert float(losses["branch_ce"]) == pytest.approx(want_bce, rel=1e-4)
-    assert float(losses["branch_kd"]) == pytest.approx(want_kd, rel=1e-3)
-    assert float(losses["branch_feat"]) == pytest.approx(want_feat, rel=1e-3)
+    assert losses["ce"].item() == pytest.approx(want_ce, rel=1e-4)
+    assert losses["branch_ce"].item() == pytest.approx(want_bce, rel=1e-4)
+    assert losses["branch_kd"].item() == pytest.approx(want_kd, rel=1e-3)
+    assert losses["branch_feat"].item() == pytest.approx(want_feat, rel=1e-3)
 
     # Gradients reach the exits but the KD/hint targets (the deepest exit) are detached.
     sum(losses.values()).backward()
@@ -206,8 +206,8 @@ def test_byot_exits_losses_and_deploy():
 
     # CutMix changes only the CE terms.
     _, mixed = m(x, y, torch.arange(6), MixInfo(torch.tensor([1, 2, 3, 4, 5, 0]), 0.5))
-    assert float(mixed["ce"]) != pytest.approx(float(losses["ce"]), rel=1e-3)
-    assert float(mixed["branch_kd"]) == pytest.approx(float(losses["branch_kd"]), rel=1e-4)
+    assert mixed["ce"].item() != pytest.approx(losses["ce"].item(), rel=1e-3)
+    assert mixed["branch_kd"].item() == pytest.approx(losses["branch_kd"].item(), rel=1e-4)
 
     m.eval()
     outs = m.eval_outputs(x)
@@ -274,8 +274,8 @@ def test_kd_teacher_loading_and_golden_loss(teacher_ckpt, tiny_bundle):
     T, alpha = 4.0, 0.9
     want_ce = sum((1 - alpha) * ce(z, onehot(t, 100)) for z, t in zip(zs, y.tolist())) / 4
     want_kd = sum(alpha * T * T * kl(softmax(a, T), softmax(b, T)) for a, b in zip(zt, zs)) / 4
-    assert float(losses["ce"]) == pytest.approx(want_ce, rel=1e-4)
-    assert float(losses["kd"]) == pytest.approx(want_kd, rel=1e-3)
+    assert losses["ce"].item() == pytest.approx(want_ce, rel=1e-4)
+    assert losses["kd"].item() == pytest.approx(want_kd, rel=1e-3)
     assert m.training_macs((3, 32, 32)) == 2 * count_macs(student, (3, 32, 32))
 
     with pytest.raises(ConfigError, match="method.teacher_checkpoint must name"):
