@@ -138,6 +138,29 @@ def recalibrate_bn(backbone: nn.Module, ds, aug: BatchAugment, batch_size: int, 
     backbone.train(was)
 
 
+def compile_modules(method: nn.Module) -> list:
+    """``torch.compile`` the compute-heavy modules that are entered through ``__call__``:
+    the backbone's stem, stages, final block and classifier, and every member of the
+    method's own ModuleLists (e.g. LSSKD's branches). Compiling the whole method instead
+    would recompile each epoch (alpha_t is a Python float) and trace the store updates."""
+    bb = method.backbone
+    mods = [bb.stem, *bb.stages, bb.final, bb.classifier]
+    for name, child in method.named_children():
+        if isinstance(child, nn.ModuleList) and name != "backbone":
+            mods.extend(child)
+    for m in mods:
+        m.compile()
+    return mods
+
+
+def _pinned_batch(xb: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy of the batch, so ``.to(cuda, non_blocking=True)`` is truly async.
+    (Pinning the whole dataset tensor would not do: ``x[idx]`` allocates pageable memory.)
+    The caching host allocator keeps the block alive until the copy has finished."""
+    out = torch.empty(xb.shape, dtype=xb.dtype, pin_memory=True)
+    return out.copy_(xb)
+
+
 class Trainer:
     def __init__(self, cfg: Dict, resume: bool = False, bundle: DataBundle | None = None):
         self.cfg = cfg
@@ -156,8 +179,14 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # model init independent of data loading
         self.method = build_method(cfg, self.bundle).to(self.device)
         if self.tcfg["channels_last"]:
-            self.method.to(memory_format=torch.channels_last)
+            # Not the soft-target store: its 4-D buffers are tables, not images.
+            for child in self.method.children():
+                if not getattr(child, "is_store", False):
+                    child.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.tcfg["sync_bn"]:
+            if self.device.type != "cuda":
+                raise ConfigError("train.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm "
+                                  f"does not run on {self.device.type}); set train.sync_bn=false")
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         acfg = cfg["data"]["augment"]
         self.aug = BatchAugment(self.bundle.mean, self.bundle.std, self.bundle.modality,
@@ -171,11 +200,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
         self.model_for_step = self.method
         if self.dist.enabled:
+            # Every rank writes the same gathered rows into its store (after_step), so the
+            # store is left out of DDP's per-forward buffer broadcast (N x 4900 values).
+            store_bufs = [f"{name}.{b}" for name, mod in self.method.named_modules()
+                          if getattr(mod, "is_store", False) for b, _ in mod.named_buffers()]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.method, store_bufs)
             self.model_for_step = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.tcfg["compile"]:
-            for child in self.method.children():
-                child.compile()
+            compile_modules(self.method)
         self.iterator = BatchIterator(self.bundle.train, self.tcfg["batch_size"] // self.dist.world_size
                                       * self.dist.world_size, True, True,
                                       self.dist.rank, self.dist.world_size)
@@ -351,6 +385,8 @@ class Trainer:
         if extra is not None:
             idx = torch.cat([idx, extra])
             xb, yb = self.bundle.train.x[idx], self.bundle.train.y[idx]
+        if dev.type == "cuda":
+            xb, yb = _pinned_batch(xb), _pinned_batch(yb)
         xb = xb.to(dev, non_blocking=True)
         yb = yb.to(dev, non_blocking=True)
         x, mix = self.aug(xb, self.aug_gen, train=True)
@@ -360,6 +396,9 @@ class Trainer:
             logits, losses = self.model_for_step(x, yb, idx.to(dev), mix)
         loss = sum(losses.values())
         bad = not torch.isfinite(loss)
+        if self.dist.enabled:
+            # All ranks must take the same branch: DDP's backward and the store gather are collectives.
+            bad = bool(all_reduce_sum(torch.tensor([float(bad)], device=dev)) > 0)
         if not bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

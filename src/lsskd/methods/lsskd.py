@@ -25,6 +25,18 @@ Robustness options (issue 9; all off in the ``paper`` profile):
   ``normalize_aux``: average (not sum) the hier/KL/feat terms over branches.
   ``branch_grad``: scale of the gradient the branches send into the backbone
   (1 = paper; 0 = branches learn on detached stage features).
+
+Scale options (issue 5; docs/scale.md):
+  ``store``: ``auto`` | ``dense`` | ``topk`` soft-target store layout (methods/store.py);
+  ``store_topk`` k of the sparse store; ``store_budget_gb`` (auto with a budget > 0
+  picks dense fp32, then dense fp16, then top-k, whichever fits first);
+  ``store_on_host`` keeps the store in CPU memory while the model trains on a GPU.
+  ``views_per_step`` V (0 = all M, the paper): each step runs the identity view plus
+  V - 1 other views drawn without replacement (the same for the whole batch, by a
+  step counter, so DDP ranks agree and resume repeats the draw). Joint labels,
+  L_hier, L_KL and L_feat then cover those V*B rows only, and only the chosen
+  views' store rows are rewritten; the others keep their previous predictions.
+  The backbone + branch cost per step falls by about V / M.
 """
 from __future__ import annotations
 
@@ -37,7 +49,7 @@ from torch import nn
 from ..engine.distributed import all_gather_cat
 from ..engine.profile import count_macs
 from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .store import SoftTargetStore
+from .store import choose_store, build_store
 from .transforms import ViewFamily, build_views
 
 
@@ -103,7 +115,12 @@ class LSSKD(Method):
         "aux_rampup_epochs": 0,
         "normalize_aux": False,
         "branch_grad": 1.0,
-        "store_dtype": "float32",  # float32 | float16
+        "store_dtype": "float32",  # float32 | float16 (dense store)
+        "store": "auto",  # auto | dense | topk (methods/store.py)
+        "store_topk": 10,  # k of the top-k store
+        "store_budget_gb": 0.0,  # auto: largest layout that fits (0 = no budget: dense)
+        "store_on_host": False,  # keep the store in CPU memory when training on a GPU
+        "views_per_step": 0,  # views per step incl. identity (0 = all M)
     }
 
     def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
@@ -135,9 +152,18 @@ class LSSKD(Method):
             from ..config import ConfigError
 
             raise ConfigError(f"method.store_dtype must be float32 or float16, got {c['store_dtype']!r}")
+        V = c["views_per_step"]
+        if not 0 <= V <= M:
+            from ..config import ConfigError
+
+            raise ConfigError(f"method.views_per_step must be in [0, {M}] (0 = all views), got {V}")
+        self.views_per_step = M if V == 0 else V
+        self._view_step = 0
         self.uses_store = c["alpha_T"] > 0 and num_train > 0
-        self.store = SoftTargetStore(num_train if self.uses_store else 0, self.num_classes,
-                                     S if c["soften_branches"] else 0, M, dtype)
+        n, sb = (num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
+        self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],
+                                         c["store_budget_gb"])
+        self.store = build_store(n, self.num_classes, sb, M, self.store_choice, c["store_on_host"])
         self.register_buffer("fit_acc", torch.tensor(0.0))
         self._pending = None
 
@@ -160,10 +186,30 @@ class LSSKD(Method):
         self.fit_acc.fill_(train_stats.get("top1", 0.0) / 100.0)
 
     # --- forward ---------------------------------------------------------------
-    def forward_all(self, x: torch.Tensor):
-        """Views -> backbone once -> (z on identity view, h on all views, [(h_l, s_l)])."""
+    def step_views(self) -> List[int] | None:
+        """Views of this training step (None = all M): identity + V-1 others, drawn from a
+        generator seeded by the step counter (identical on every DDP rank)."""
+        M, V = self.num_views, self.views_per_step
+        if V >= M:
+            return None
+        g = torch.Generator().manual_seed(1000003 + self._view_step)
+        self._view_step += 1
+        others = (torch.randperm(M - 1, generator=g)[: V - 1] + 1).sort().values
+        return [0] + others.tolist()
+
+    def get_extra_state(self):
+        return {"view_step": self._view_step}
+
+    def set_extra_state(self, state) -> None:
+        self._view_step = int(state.get("view_step", 0))
+
+    def forward_all(self, x: torch.Tensor, views: List[int] | None = None):
+        """Views -> backbone once -> (z on identity view, h on the views, [(h_l, s_l)]).
+        ``views`` (identity first) restricts the stacked batch to those views."""
         B = x.shape[0]
         xv = self.views(x)
+        if views is not None:
+            xv = xv.view(self.num_views, B, *x.shape[1:])[views].flatten(0, 1)
         feats, h, logits = self.backbone.forward_features(xv)
         g = self.cfg["branch_grad"]
         outs = [br(scale_grad(feats[l], g)) for l, br in enumerate(self.aux)]
@@ -181,7 +227,9 @@ class LSSKD(Method):
     def train_forward(self, x, y, idx, mix):
         c, M, C = self.cfg, self.num_views, self.num_classes
         B = x.shape[0]
-        z, h, outs = self.forward_all(x)
+        views = self.step_views() if len(self.aux) else None
+        V = M if views is None else len(views)
+        z, h, outs = self.forward_all(x, views)
         alpha = self.alpha()
         onehot = F.one_hot(y, C).float()
         conf = None
@@ -197,16 +245,21 @@ class LSSKD(Method):
         if outs:
             w = self.aux_scale()
             norm = len(outs) if c["normalize_aux"] else 1
-            joint = ViewFamily.joint_labels(y, M)
+            if views is None:
+                joint = ViewFamily.joint_labels(y, M)
+            else:
+                k = torch.tensor(views, device=y.device).repeat_interleave(B)
+                joint = y.repeat(V) * M + k
             hard_q = F.one_hot(joint, M * C).float()
             hier = 0.0
             for l, (_, s) in enumerate(outs):
                 if self.uses_store and c["soften_branches"]:
-                    q = self.soft_target(hard_q, self.store.get_branch(l, idx), filled.repeat(M), alpha,
-                                         None if conf is None else conf.repeat(M))
+                    q = self.soft_target(hard_q, self.store.get_branch(l, idx, views),
+                                         self.store.branch_filled(idx, views), alpha,
+                                         None if conf is None else conf.repeat(V))
                 else:
                     q = hard_q
-                hier = hier + soft_cross_entropy(s, mix_targets(q, mix, group=M))
+                hier = hier + soft_cross_entropy(s, mix_targets(q, mix, group=V))
             if c["beta"] > 0:
                 losses["hier"] = c["beta"] * w * hier / norm
             S = len(outs)
@@ -225,9 +278,9 @@ class LSSKD(Method):
                 p_new = F.softmax(z.detach().float(), -1)
                 q_new = None
                 if self.store.num_branches:
-                    q_new = torch.stack([F.softmax(s.detach().float(), -1).view(M, B, M * C).transpose(0, 1)
+                    q_new = torch.stack([F.softmax(s.detach().float(), -1).view(V, B, M * C).transpose(0, 1)
                                          for _, s in outs])
-            self._pending = (idx.detach(), p_new, q_new)
+            self._pending = (idx.detach(), p_new, q_new, views)
         return z, losses
 
     def after_step(self) -> None:
@@ -235,12 +288,12 @@ class LSSKD(Method):
         rank gathers all ranks' rows, so the store stays identical everywhere."""
         if self._pending is None:
             return
-        idx, p, q = self._pending
+        idx, p, q, views = self._pending
         self._pending = None
         idx, p = all_gather_cat(idx), all_gather_cat(p)
         if q is not None:
             q = all_gather_cat(q.transpose(0, 1).contiguous()).transpose(0, 1)
-        self.store.write(idx, p, q)
+        self.store.write(idx, p, q, views)
 
     # --- evaluation / deployment ------------------------------------------------
     @torch.no_grad()
@@ -252,8 +305,10 @@ class LSSKD(Method):
         return {f"branch{l + 1}": br(feats[l])[1][:, :: self.num_views] for l, br in enumerate(self.aux)}
 
     def training_macs(self, input_shape) -> int:
-        """MACs of one training sample: M views through backbone and all branches."""
-        return count_macs(self, input_shape, forward=lambda x: self.forward_all(x))
+        """MACs of one training sample: the step's views (M, or views_per_step) through
+        backbone and all branches."""
+        views = None if self.views_per_step >= self.num_views else list(range(self.views_per_step))
+        return count_macs(self, input_shape, forward=lambda x: self.forward_all(x, views))
 
 
 def _variant(name: str, doc: str, **overrides):
