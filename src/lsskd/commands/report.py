@@ -1,0 +1,43 @@
+"""``lsskd report RUN_DIR... [--out DIR]``: tables and plots over finished runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "report", help="aggregate run directories (mean ± std over seeds) into report.md/.csv and plots",
+        description="Collect every finished run (summary.json) under the given folders, group the seeds "
+                    "of each config, and write report.md, report.csv and PNG plots. The headline is the "
+                    "last-epoch test top-1; the best-epoch number is reported beside it, labelled.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or folders of them (searched recursively)")
+    p.add_argument("--out", help="output folder (default: the first RUN_DIR)")
+    p.add_argument("--group-by", default="",
+                   help="comma-separated fields to group by instead of the whole config, "
+                        "e.g. method,model or method,data.train_fraction")
+    p.add_argument("--compare-to", default="ce", metavar="METHOD",
+                   help="baseline method for the 'delta vs baseline' column (default: ce; 'none' to omit)")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    return p
+
+
+def run(args) -> int:
+    from ..report import build_report
+
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] or None
+    out = args.out or args.runs[0]
+    if Path(out).is_file():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    baseline = None if str(args.compare_to).lower() in ("", "none") else args.compare_to
+    rep = build_report(args.runs, out, group_by=group_by, baseline=baseline, plots=not args.no_plots)
+    print(f"{len(rep.runs)} run(s) in {len(rep.groups)} group(s)"
+          + (f"; {len(rep.unfinished)} unfinished run(s) left out" if rep.unfinished else ""))
+    for g in rep.groups:
+        m, s = g.stats["top1"]
+        print(f"  {g.label}: top-1 (last epoch) {m:.2f}" + (f" ± {s:.2f}" if s is not None else "")
+              + f"  [n={g.stats['n']}]")
+    for f in rep.files:
+        print(f"wrote {f}")
+    return 0

@@ -1,0 +1,287 @@
+"""`lsskd sweep` (planning, skip/resume, failures) and `lsskd report` (aggregation, plots)."""
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lsskd.cli import main
+from lsskd.commands import sweep as sw
+from lsskd.config import ConfigError, build_config, dump
+from lsskd.data.base import DataBundle
+from lsskd.report import build_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# --- fake but realistic run directories -----------------------------------------------------
+def make_run(root, name, method, seed, top1, top5, best, best_epoch, fraction=1.0, branches=None,
+             epochs=3, model="resnet8"):
+    """A run directory as `lsskd train` leaves it: config.yaml from the real config
+    builder, one metrics line per epoch (best at ``best_epoch``, ``top1`` last) and summary.json."""
+    d = Path(root) / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    cfg = build_config(None, [f"method.name={method}", f"model.name={model}", f"seed={seed}",
+                              f"out_dir={d}", "data.root=../shared/data/cifar100",
+                              f"data.train_fraction={fraction}", f"train.epochs={epochs}"])
+    (d / "config.yaml").write_text(dump(cfg))
+    rows = []
+    for e in range(1, epochs + 1):
+        acc = best if e == best_epoch else (top1 if e == epochs else top1 - 10.0 * (epochs - e))
+        row = {"epoch": e, "lr": 0.05, "train_loss": 3.0 / e, "train_top1": 10.0 * e, "test_top1": acc,
+               "test_top5": top5, "test_loss": 2.0, "epoch_seconds": 1.0}
+        if branches:
+            row.update({f"test_branch{i + 1}_top1": b for i, b in enumerate(branches)})
+        rows.append(row)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"method": method, "model": model, "dataset": "folder", "seed": seed, "epochs": epochs,
+               "eval_on": "test", "train_size": int(10000 * fraction), "test_top1": top1, "test_top5": top5,
+               "test_top1_best": best, "best_epoch": best_epoch, "params_deployed": 83892,
+               "params_train": 90000 if method != "ce" else 83892, "macs_deployed": 12507392,
+               "train_seconds": 10.0 + seed}
+    if branches:
+        summary["branch_top1"] = list(branches)
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    root = tmp_path / "results"
+    # ce: last 70/72/74 -> 72 ± 2; top-5 90/91/92 -> 91 ± 1; best 71/73/75 (epoch 2) -> 73 ± 2
+    for s, (t1, t5, b) in enumerate([(70.0, 90.0, 71.0), (72.0, 91.0, 73.0), (74.0, 92.0, 75.0)]):
+        make_run(root, "ce", "ce", s, t1, t5, b, 2)
+    # lsskd: last 73/74/78 -> 75 ± sqrt(7); best 80 at epoch 1 for every seed (std 0)
+    for s, t1 in enumerate([73.0, 74.0, 78.0]):
+        make_run(root, "lsskd", "lsskd", s, t1, 93.0, 80.0, 1, branches=[40.0 + s, 55.0, 60.0 + 2 * s])
+    # Fig. 5 style: 25% / 50% of the training data, one seed each
+    for frac, (c, l) in {0.25: (50.0, 55.5), 0.5: (60.0, 64.25)}.items():
+        make_run(root, f"ce-frac{frac}", "ce", 0, c, 80.0, c, 3, fraction=frac)
+        make_run(root, f"lsskd-frac{frac}", "lsskd", 0, l, 85.0, l, 3, fraction=frac,
+                 branches=[30.0, 40.0, 50.0])
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row_for(rows, method, fraction):
+    sel = [r for r in rows if r["method"] == method
+           and (f"train_fraction={fraction:g}" in r["settings"] if fraction != 1.0
+                else "train_fraction=1" in r["settings"])]
+    assert len(sel) == 1, (method, fraction, rows)
+    return sel[0]
+
+
+# --- report ---------------------------------------------------------------------------------
+def test_report_means_stds_deltas_and_labels(fake_runs, tmp_path):
+    out = tmp_path / "rep"
+    rep = build_report([fake_runs], out)
+    assert len(rep.runs) == 10 and len(rep.groups) == 6
+    rows = read_csv(out / "report.csv")
+    ce, ls = row_for(rows, "ce", 1.0), row_for(rows, "lsskd", 1.0)
+    assert ce["n_seeds"] == "3" and ce["seeds"] == "0 1 2"
+    assert float(ce["top1_last_mean"]) == 72.0 and float(ce["top1_last_std"]) == 2.0
+    assert float(ce["top5_last_mean"]) == 91.0 and float(ce["top5_last_std"]) == 1.0
+    assert float(ce["top1_best_epoch_mean"]) == 73.0 and float(ce["top1_best_epoch_std"]) == 2.0
+    assert float(ce["best_epoch_mean"]) == 2.0
+    assert float(ls["top1_last_mean"]) == 75.0
+    assert float(ls["top1_last_std"]) == pytest.approx(math.sqrt(7.0), abs=1e-6)
+    assert float(ls["top1_best_epoch_mean"]) == 80.0 and float(ls["top1_best_epoch_std"]) == 0.0
+    # delta vs the ce group of the same config: 75 - 72, and per training fraction
+    assert float(ls["delta_top1_vs_baseline"]) == 3.0 and ce["delta_top1_vs_baseline"] == ""
+    assert float(row_for(rows, "lsskd", 0.25)["delta_top1_vs_baseline"]) == 5.5
+    assert float(row_for(rows, "lsskd", 0.5)["delta_top1_vs_baseline"]) == 4.25
+    # single seed: no std
+    one = row_for(rows, "ce", 0.25)
+    assert one["n_seeds"] == "1" and one["top1_last_std"] == "" and float(one["top1_last_mean"]) == 50.0
+    assert int(one["train_size"]) == 2500
+    # per-branch means over seeds (40,41,42 -> 41; 55; 60,62,64 -> 62)
+    assert [float(v) for v in ls["branch_top1_mean"].split()] == [41.0, 55.0, 62.0]
+    assert ce["branch_top1_mean"] == ""
+    assert ce["params_deployed"] == "83892" and ls["params_train"] == "90000"
+
+    md = (out / "report.md").read_text()
+    assert "Top-1 best epoch (not the headline)" in md and "**not the headline**" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Group | Seeds"))
+    assert header.index("Top-1 last epoch (headline)") < header.index("best epoch (not the headline)")
+    assert "Δ top-1 vs ce" in header
+    ce_line = next(ln for ln in md.splitlines() if ln.startswith("| ce (train_fraction=1)"))
+    cells = [c.strip() for c in ce_line.strip("|").split("|")]
+    assert cells[1:4] == ["3", "72.00 ± 2.00", "–"]
+    assert cells[5].startswith("73.00 ± 2.00")
+    assert "| lsskd (train_fraction=1) | 41.00 ± 1.00 | 55.00 ± 0.00 | 62.00 ± 2.00 | 75.00 ± 2.65 |" in md
+
+    for name in ("accuracy_per_epoch.png", "accuracy_vs_fraction.png", "branch_accuracy.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert f"]({name})" in md
+
+
+def test_report_group_by_and_cli(fake_runs, tmp_path, capsys, monkeypatch):
+    rep = build_report([fake_runs], tmp_path / "g", group_by=["method"], plots=False)
+    n = {g.fields["method"]: g.stats["n"] for g in rep.groups}
+    assert n == {"ce": 5, "lsskd": 5}
+    ce = next(g for g in rep.groups if g.fields["method"] == "ce")
+    assert ce.stats["top1"][0] == pytest.approx((70 + 72 + 74 + 50 + 60) / 5, abs=1e-12)
+    assert not list((tmp_path / "g").glob("*.png"))
+    with pytest.raises(ConfigError, match="no_such_key"):
+        build_report([fake_runs], tmp_path / "h", group_by=["no_such_key"], plots=False)
+
+    # an interrupted run is listed as unfinished, not averaged in
+    half = fake_runs / "ce" / "seed9"
+    half.mkdir()
+    (half / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 1.0}) + "\n")
+    out = tmp_path / "cli"
+    assert main(["report", str(fake_runs), "--out", str(out), "--group-by", "method,data.train_fraction",
+                 "--compare-to", "none", "--no-plots"]) == 0
+    rows = read_csv(out / "report.csv")
+    assert len(rows) == 6 and all(r["delta_top1_vs_baseline"] == "" for r in rows)
+    assert "1 unfinished run(s) left out" in capsys.readouterr().out
+    assert f"`{half}`" in (out / "report.md").read_text()
+
+    # matplotlib is optional: a clear error, and nothing half-written
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match="matplotlib.*--no-plots"):
+        build_report([fake_runs], tmp_path / "noplt")
+    assert not (tmp_path / "noplt" / "report.md").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    (fake_runs / "ce" / "seed0" / "summary.json").write_text("{not json")
+    assert main(["report", str(fake_runs), "--no-plots"]) == 2
+    assert "seed0/summary.json: not valid JSON" in capsys.readouterr().err
+
+
+# --- sweep planning ---------------------------------------------------------------------------
+def write_config(path, data_root, **train):
+    cfg = {"model": {"name": "resnet8"}, "method": {"name": "ce"},
+           "data": {"name": "folder", "root": str(data_root)},
+           "train": {"epochs": 1, "batch_size": 32, "progress": False, "tensorboard": False,
+                     "max_steps_per_epoch": 2, **train},
+           "optim": {"lr": 0.05, "schedule": "cosine"}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sweep_plan_expansion(tmp_path, capsys, monkeypatch):
+    a = write_config(tmp_path / "a.yaml", tmp_path)
+    b = write_config(tmp_path / "b.yaml", tmp_path)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"configs": ["a.yaml", "b.yaml"], "seeds": [0, 1],
+                                    "overrides": {"optim.lr": 0.1},
+                                    "grid": {"data.train_fraction": [0.25, 0.5], "method.name": ["ce"]},
+                                    "out_root": str(tmp_path / "res")}))
+    p = sw.load_plan(plan)
+    specs = sw.expand(p["configs"], p["seeds"], p["out_root"], p["overrides"], p["grid"])
+    assert [s.name for s in specs] == [
+        f"{c}-train_fraction{f}-namece/seed{k}" for c in "ab" for f in ("0.25", "0.5") for k in (0, 1)]
+    s = specs[3]
+    assert s.out_dir == tmp_path / "res" / "a-train_fraction0.5-namece" / "seed1"
+    cfg = build_config(s.config, s.train_overrides())
+    assert (cfg["seed"], cfg["optim"]["lr"], cfg["data"]["train_fraction"]) == (1, 0.1, 0.5)
+    assert cfg["out_dir"] == str(s.out_dir)
+    picked = sw.expand([str(a), str(b)], [0, 1, 2], tmp_path / "r", only=["b*", "a/seed2"])
+    assert [x.name for x in picked] == ["a/seed2", "b/seed0", "b/seed1", "b/seed2"]
+
+    with pytest.raises(ConfigError, match="seed=3"):
+        sw.expand([str(a)], [0], tmp_path / "r", ["seed=3"])
+    with pytest.raises(ConfigError, match="matched none"):
+        sw.expand([str(a)], [0], tmp_path / "r", only=["zzz*"])
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        sw.expand([str(a)], [0], tmp_path / "r", ["train.epoch=3"])
+    plan.write_text("configs: [a.yaml]\nseed: [0]\n")
+    with pytest.raises(ConfigError, match="unknown key 'seed'"):
+        sw.load_plan(plan)
+
+    # the example plan shipped in configs/sweeps/ stays valid
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    ex = sw.load_plan(root / "configs" / "sweeps" / "quickstart_seeds.yaml")
+    names = [x.name for x in sw.expand(ex["configs"], ex["seeds"], ex["out_root"], ex["overrides"], ex["grid"])]
+    assert names[0] == "quickstart-lr0.05/seed0" and len(names) == 6
+
+    # CLI dry run: overrides after --seeds are not swallowed; nothing is created
+    assert main(["sweep", "--configs", str(a), "--out-root", str(tmp_path / "dry"), "--dry-run",
+                 "--seeds", "3", "4", "train.epochs=5"]) == 0
+    out = capsys.readouterr().out
+    assert "a/seed3" in out and "a/seed4" in out and "train.epochs=5 seed=4" in out
+    assert not (tmp_path / "dry").exists()
+
+
+def test_sweep_parallel_failures_reported(tmp_path, capsys):
+    """--jobs 2 runs `python -m lsskd train` subprocesses; a failing run does not stop the
+    others, its error is shown, and the exit status is 1."""
+    bad = write_config(tmp_path / "bad.yaml", tmp_path / "no_such_data")
+    rc = main(["sweep", "--configs", str(bad), "--seeds", "0", "1", "--jobs", "2",
+               "--out-root", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert out.count("failed") >= 2 and "2 failed" in out
+    assert "no_such_data" in out  # the DataError naming the missing folder reaches the table
+    log = (tmp_path / "res" / "bad" / "seed1" / "sweep.log").read_text()
+    assert "-m lsskd train --config" in log and "seed=1" in log
+
+
+# --- real tiny sweep ---------------------------------------------------------------------------
+def test_sweep_real_skip_and_resume(cifar_bundle, cifar_root, tmp_path, monkeypatch):
+    """Two seeds of resnet8 on the shared CIFAR-100 data (2 steps, 1 epoch). Seed 1 is
+    killed after its mid-epoch checkpoint; the next sweep skips seed 0 and resumes
+    seed 1, which then matches an uninterrupted run of seed 1 exactly."""
+    from lsskd.engine.trainer import Trainer
+
+    cfg_file = write_config(tmp_path / "tiny.yaml", cifar_root, ckpt_every_steps=1)
+    # Evaluate on 500 test images to keep the test fast; training uses the real data.
+    small = DataBundle(cifar_bundle.train, cifar_bundle.test.subset(range(500)), None,
+                       cifar_bundle.mean, cifar_bundle.std, cifar_bundle.modality)
+    key = sw.data_key(build_config(cfg_file))
+    specs = sw.expand([str(cfg_file)], [0, 1], tmp_path / "res")
+
+    real_step = Trainer._train_step
+    calls = {"n": 0}
+
+    def killed_after_checkpoint(self, *a):
+        if self.cfg["seed"] == 1:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the checkpoint after step 1 is on disk
+                raise RuntimeError("simulated kill")
+        return real_step(self, *a)
+
+    monkeypatch.setattr(Trainer, "_train_step", killed_after_checkpoint)
+    first = sw.run_sweep(specs, bundles={key: small}, log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    assert [(r.action, r.status) for r in first] == [("train", "ok"), ("train", "failed")]
+    assert "simulated kill" in first[1].note
+    s0, s1 = (s.out_dir for s in specs)
+    assert (s0 / "summary.json").is_file() and not (s1 / "summary.json").exists()
+    assert (s1 / "last.pt").is_file()
+
+    mtime0 = (s0 / "summary.json").stat().st_mtime_ns
+    second = sw.run_sweep(specs, bundles={key: small}, log=lambda *_: None)
+    assert [(r.action, r.status) for r in second] == [("skip", "skipped"), ("resume", "ok")]
+    assert (s0 / "summary.json").stat().st_mtime_ns == mtime0
+    assert second[0].top1 == json.loads((s0 / "summary.json").read_text())["test_top1"]
+
+    ref = sw.expand([str(cfg_file)], [1], tmp_path / "ref")
+    sw.run_sweep(ref, bundles={key: small}, log=lambda *_: None)
+    got = json.loads((s1 / "summary.json").read_text())
+    want = json.loads((ref[0].out_dir / "summary.json").read_text())
+    assert got["test_top1"] == want["test_top1"] and got["test_top5"] == want["test_top5"]
+    rows = [json.loads(x) for x in (s1 / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(x) for x in (ref[0].out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["train_loss"] == ref_rows[0]["train_loss"]
+
+    third = sw.run_sweep(specs, bundles={key: small}, log=lambda *_: None)
+    assert [r.status for r in third] == ["skipped", "skipped"]
+
+    # and the report over the finished sweep
+    rep = build_report([tmp_path / "res"], tmp_path / "rep", plots=False)
+    (g,) = rep.groups
+    tops = [json.loads((d / "summary.json").read_text())["test_top1"] for d in (s0, s1)]
+    assert g.stats["n"] == 2 and g.stats["top1"][0] == pytest.approx(sum(tops) / 2, abs=1e-12)
