@@ -1,0 +1,143 @@
+"""Config parsing, schedules, the training loop and the CLI on real images."""
+import json
+
+import pytest
+import torch
+
+from lsskd.cli import main
+from lsskd.config import ConfigError, build_config
+from lsskd.engine.trainer import Trainer, lr_at
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = build_config()
+    o = cfg["optim"]
+    assert (o["lr"], o["momentum"], o["weight_decay"], o["milestones"], o["lr_decay"]) == (0.05, 0.9, 5e-4, [150, 210], 0.1)
+    assert cfg["train"]["epochs"] == 240 and cfg["train"]["batch_size"] == 64
+
+
+def test_overrides_types_and_unknown_keys(tmp_path):
+    cfg = build_config(None, ["train.epochs=3", "optim.lr=0.1", "seed=4", "data.root=/x", "optim.milestones=[1, 2]"])
+    assert cfg["train"]["epochs"] == 3 and cfg["optim"]["lr"] == 0.1 and cfg["seed"] == 4
+    assert cfg["optim"]["milestones"] == [1, 2]
+    with pytest.raises(ConfigError, match="'train.epoch'"):
+        build_config(None, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="'train.epochs' must be an integer"):
+        build_config(None, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match="'train.progress' must be true/false"):
+        build_config(None, ["train.progress=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {nam: resnet8}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'model.nam'"):
+        build_config(bad)
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {epochs: 7, batch_size: 32}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\ntrain: {epochs: 9}\n")
+    cfg = build_config(child)
+    assert cfg["train"]["epochs"] == 9 and cfg["train"]["batch_size"] == 32
+
+
+def test_lr_schedules():
+    o = build_config()["optim"]
+    assert lr_at(o, 240, 149, 0, 10) == pytest.approx(0.05)
+    assert lr_at(o, 240, 150, 0, 10) == pytest.approx(0.005)
+    assert lr_at(o, 240, 239, 5, 10) == pytest.approx(0.0005)
+    o = dict(o, schedule="cosine")
+    assert lr_at(o, 10, 0, 0, 10) == pytest.approx(0.05)
+    assert lr_at(o, 10, 5, 0, 10) == pytest.approx(0.025)
+
+
+def _small_cfg(tmp_path, method="ce", **extra):
+    over = [f"method.name={method}", "model.name=resnet8", f"out_dir={tmp_path / 'run'}",
+            "train.epochs=2", "train.max_steps_per_epoch=6", "train.batch_size=32", "train.progress=false",
+            "optim.schedule=cosine", "train.tensorboard=false"] + [f"{k}={v}" for k, v in extra.items()]
+    return build_config(None, over)
+
+
+def test_trainer_end_to_end_real_images(tmp_path, cifar_bundle):
+    cfg = _small_cfg(tmp_path, "lsskd")
+    summary = Trainer(cfg, bundle=cifar_bundle).fit()
+    run = tmp_path / "run"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss_final", "train_loss_hier", "train_loss_kl", "train_loss_feat", "test_top1",
+                "test_top5", "test_branch1_top1", "test_branch3_top1"):
+        assert key in rows[-1]
+    assert summary["test_top1"] == rows[-1]["test_top1"]
+    assert summary["test_top1_best"] == max(r["test_top1"] for r in rows)
+    assert summary["params_deployed"] == 83892 and summary["params_train"] > summary["params_deployed"]
+    assert len(summary["branch_top1"]) == 3
+    assert summary["macs_train"] > 8 * summary["macs_deployed"]
+    for f in ("config.yaml", "summary.json", "last.pt", "best.pt"):
+        assert (run / f).is_file()
+    # A second run into the same directory must refuse rather than overwrite.
+    from lsskd.engine.trainer import RunDirError
+
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Trainer(cfg, bundle=cifar_bundle)
+
+
+def test_same_seed_same_result(tmp_path, cifar_bundle):
+    cfg = _small_cfg(tmp_path / "a", "pskd", **{"train.epochs": 1})
+    a = Trainer(cfg, bundle=cifar_bundle).fit()
+    cfg = _small_cfg(tmp_path / "b", "pskd", **{"train.epochs": 1})
+    b = Trainer(cfg, bundle=cifar_bundle).fit()
+    assert a["test_top1"] == b["test_top1"]
+
+
+def test_cli_train_resume_eval(tmp_path, cifar_root, capsys):
+    run = tmp_path / "cli"
+    args = ["train", "model.name=resnet8", f"data.root={cifar_root}", f"out_dir={run}", "train.epochs=1",
+            "train.max_steps_per_epoch=4", "train.progress=false", "train.tensorboard=false"]
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["method"] == "ce"
+    # Extending a finished run is not allowed through overrides; resume of a finished run is a no-op fit.
+    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.rindex("{\n  \"checkpoint\""):])
+    assert res["test_top1"] == pytest.approx(summary["test_top1"])
+
+
+def test_cli_errors_name_the_fault(tmp_path, capsys):
+    assert main(["train", "train.epoch=1"]) == 2
+    assert "train.epoch" in capsys.readouterr().err
+    assert main(["train", f"data.root={tmp_path / 'nope'}", f"out_dir={tmp_path / 'r'}"]) == 2
+    assert "nope" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    assert main(["train", f"data.root={empty}", f"out_dir={tmp_path / 'r2'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cat" in err and "no image files" in err
+    assert not (tmp_path / "r2" / "config.yaml").exists()
+
+
+def test_stage_adapter_wraps_a_user_model():
+    from torch import nn
+
+    from lsskd.models import StagedAdapter
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.block1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+            self.block2 = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(self.block2(self.block1(self.conv(x))).mean((2, 3)))
+
+    net = Net()
+    staged = StagedAdapter(net, stem="conv", stages=["block1", "block2"], classifier="fc")
+    assert staged.stage_channels == [16, 16] and staged.stage_strides == [2, 2]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(staged(x), net(x), atol=1e-6)
+    from lsskd.registry import METHODS
+
+    m = METHODS.build("lsskd", staged, {}, num_train=4)
+    m.train()
+    z, losses = m(x, torch.tensor([0, 4]), torch.tensor([0, 1]))
+    assert z.shape == (2, 5) and torch.isfinite(sum(losses.values()))

@@ -1,0 +1,216 @@
+"""LSSKD / PS-KD / SAD-CE: golden loss values, store semantics, switches, deploy."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsskd.methods.base import soft_cross_entropy
+from lsskd.methods.lsskd import LSSKD, kl_div
+from lsskd.methods.transforms import Rotations, ViewFamily
+from lsskd.models import build_model
+from lsskd.registry import METHODS
+
+
+def make(name="lsskd", num_train=16, **cfg):
+    torch.manual_seed(0)
+    return METHODS.build(name, build_model("resnet8", 10), cfg, num_train=num_train)
+
+
+def test_soft_cross_entropy_golden():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    # -log softmax(3) = log(e^1 + e^2 + e^3) - 3
+    assert float(soft_cross_entropy(logits, torch.tensor([[0.0, 0.0, 1.0]]))) == pytest.approx(0.4076059644, abs=1e-7)
+    # half/half target: 0.5*(lse-2) + 0.5*(lse-3)
+    lse = math.log(math.e + math.e ** 2 + math.e ** 3)
+    got = float(soft_cross_entropy(logits, torch.tensor([[0.0, 0.5, 0.5]])))
+    assert got == pytest.approx(0.5 * (lse - 2) + 0.5 * (lse - 3), abs=1e-6)
+
+
+def test_kl_golden():
+    s = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0) * 2, 0.0]])  # softmax(t / 2) = (3/4, 1/4)
+    expected = 4.0 * (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))
+    assert float(kl_div(s, t, tau=2.0)) == pytest.approx(expected, abs=1e-6)
+    assert float(kl_div(t, t, tau=3.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_rotation_views_and_joint_labels():
+    x = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2)
+    v = Rotations()(x)
+    assert v.shape == (8, 1, 2, 2)
+    assert torch.equal(v[:2], x)
+    assert torch.equal(v[2:4], torch.rot90(x, 1, (-2, -1)))
+    assert torch.equal(v[6:8], torch.rot90(x, 3, (-2, -1)))
+    y = torch.tensor([3, 7])
+    # view-major: rows k*B + i have label y_i * 4 + k
+    assert ViewFamily.joint_labels(y, 4).tolist() == [12, 28, 13, 29, 14, 30, 15, 31]
+
+
+def test_alpha_schedule_and_first_epoch_hard_targets():
+    m = make(alpha_T=0.8)
+    m.train()
+    m.on_epoch_start(1, 4)
+    assert m.alpha() == pytest.approx(0.2)
+    m.on_epoch_start(4, 4)
+    assert m.alpha() == pytest.approx(0.8)
+    # Nothing stored yet: the softened target equals the one-hot label whatever alpha is.
+    onehot = F.one_hot(torch.tensor([1, 2]), 10).float()
+    prev, filled = m.store.get_final(torch.tensor([0, 1]))
+    t = m.soft_target(onehot, prev, filled, m.alpha())
+    assert torch.equal(t, onehot)
+
+
+def test_soft_target_golden():
+    m = make()
+    hard = torch.tensor([[0.0, 1.0, 0.0]])
+    prev = torch.tensor([[0.2, 0.5, 0.3]])
+    t = m.soft_target(hard, prev, torch.tensor([True]), 0.4)
+    assert torch.allclose(t, torch.tensor([[0.08, 0.8, 0.12]]))
+    assert float(t.sum()) == pytest.approx(1.0)
+
+
+def _batch(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.tensor([0, 3, 5, 9])[:n], torch.arange(n)
+
+
+def test_sad_ce_loss_equals_hand_composed_terms():
+    """SAD-CE: L = CE(z, y) + beta * sum_l CE(s_l, onehot(y*M + k)) on the same forward."""
+    m = make("sad_ce", beta=0.5)
+    m.train()
+    x, y, idx = _batch()
+    torch.manual_seed(5)
+    z, losses = m(x, y, idx)
+    assert set(losses) == {"final", "hier"}
+    torch.manual_seed(5)
+    z2, h, outs = m.forward_all(x)
+    joint = ViewFamily.joint_labels(y, 4)
+    # BN in train mode is deterministic for the same input, so the forward repeats exactly.
+    assert torch.allclose(z, z2)
+    assert float(losses["final"]) == pytest.approx(float(F.cross_entropy(z2, y)), rel=1e-5)
+    hier = sum(float(F.cross_entropy(s, joint)) for _, s in outs)
+    assert float(losses["hier"]) == pytest.approx(0.5 * hier, rel=1e-5)
+
+
+def test_lsskd_kl_and_feat_terms_match_formula():
+    m = make("lsskd", kl_weight=2.0, gamma=0.3, tau=3.0)
+    m.train()
+    x, y, idx = _batch()
+    _, losses = m(x, y, idx)
+    _, h, outs = m.forward_all(x)
+    kl = sum(float(kl_div(outs[l][1], outs[-1][1], 3.0)) for l in range(len(outs) - 1))
+    assert float(losses["kl"]) == pytest.approx(2.0 * kl, rel=1e-4)
+    feat = sum(float(((hl - h) ** 2).sum(1).mean() / h.shape[1]) for hl, _ in outs)
+    assert float(losses["feat"]) == pytest.approx(0.3 * feat, rel=1e-4)
+    # kl_mode=next: branch l is taught by branch l+1
+    m.cfg["kl_mode"] = "next"
+    _, losses = m(x, y, idx)
+    kl_next = sum(float(kl_div(outs[l][1], outs[l + 1][1], 3.0)) for l in range(len(outs) - 1))
+    assert float(losses["kl"]) == pytest.approx(2.0 * kl_next, rel=1e-4)
+
+
+def test_store_written_after_step_without_grad_and_used_next_epoch():
+    m = make("lsskd", num_train=8)
+    m.train()
+    m.on_epoch_start(1, 2)
+    x, y, idx = _batch()
+    z, losses = m(x, y, idx)
+    assert not m.store.filled.any()  # nothing written before after_step
+    sum(losses.values()).backward()
+    m.after_step()
+    assert m.store.filled[:4].all() and not m.store.filled[4:].any()
+    for buf in (m.store.final, m.store.branches):
+        assert not buf.requires_grad and buf.grad_fn is None
+    assert torch.allclose(m.store.final[:4], F.softmax(z.detach(), 1), atol=1e-6)
+    assert torch.allclose(m.store.branches.sum(-1)[:, :4], torch.ones(3, 4, 4), atol=1e-5)
+    # epoch 2 of 2: alpha = 0.8; the final target mixes onehot with the stored P
+    m.on_epoch_start(2, 2)
+    prev, filled = m.store.get_final(idx)
+    t = m.soft_target(F.one_hot(y, 10).float(), prev, filled, m.alpha())
+    assert torch.allclose(t, 0.2 * F.one_hot(y, 10).float() + 0.8 * F.softmax(z.detach(), 1), atol=1e-6)
+
+
+def test_store_round_trips_through_state_dict():
+    m = make("lsskd", num_train=8)
+    m.train()
+    x, y, idx = _batch()
+    _, losses = m(x, y, idx)
+    sum(losses.values()).backward()
+    m.after_step()
+    m2 = make("lsskd", num_train=8)
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.store.final, m.store.final)
+    assert torch.equal(m2.store.branches, m.store.branches)
+    assert torch.equal(m2.store.filled, m.store.filled)
+
+
+def test_switches_give_the_named_ablations():
+    pskd = make("pskd")
+    assert len(pskd.aux) == 0 and pskd.uses_store and pskd.num_views == 1
+    sad = make("sad_ce")
+    assert len(sad.aux) == 3 and not sad.uses_store
+    ce_like = make("lsskd", branches=False, alpha_T=0.0)
+    x, y, idx = _batch()
+    ce_like.train()
+    z, losses = ce_like(x, y, idx)
+    assert set(losses) == {"final"}
+    assert float(losses["final"]) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-6)
+    full = make("lsskd")
+    full.train()
+    _, losses = full(x, y, idx)
+    assert set(losses) == {"final", "hier", "kl", "feat"}
+    no_feat = make("lsskd", gamma=0.0, kl_weight=0.0)
+    no_feat.train()
+    assert set(no_feat(x, y, idx)[1]) == {"final", "hier"}
+
+
+def test_unknown_method_key_is_rejected():
+    from lsskd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.gama"):
+        make("lsskd", gama=0.1)
+    with pytest.raises(ConfigError, match="alpha_mode"):
+        make("lsskd", alpha_mode="sometimes")
+
+
+def test_deploy_is_exactly_the_backbone():
+    m = make("lsskd")
+    dep = m.deploy()
+    plain = build_model("resnet8", 10)
+    assert sum(p.numel() for p in dep.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in m.parameters()) > 3 * sum(p.numel() for p in dep.parameters())
+    m.eval()
+    x, _, _ = _batch()
+    assert torch.equal(m(x), dep(x))
+
+
+def test_branch_eval_scores_are_joint_logits_at_view_zero():
+    m = make("lsskd")
+    m.eval()
+    x, _, _ = _batch()
+    outs = m.eval_outputs(x)
+    assert list(outs) == ["branch1", "branch2", "branch3"]
+    feats = m.backbone.forward_stages(x)
+    full = m.aux[1](feats[1])[1]
+    assert torch.equal(outs["branch2"], full[:, 0::4])
+
+
+def test_robust_alpha_modes():
+    m = make("lsskd", alpha_mode="fit")
+    m.on_epoch_start(2, 4)
+    m.on_epoch_end({"top1": 25.0})
+    assert m.alpha() == pytest.approx(0.8 * 2 / 4 * 0.25)
+    m = make("lsskd", aux_rampup_epochs=4)
+    m.on_epoch_start(1, 10)
+    assert m.aux_scale() == pytest.approx(0.25)
+
+
+def test_branch_grad_zero_stops_aux_gradient_into_backbone():
+    m = make("sad_ce", branch_grad=0.0)
+    m.train()
+    x, y, idx = _batch()
+    _, losses = m(x, y, idx)
+    losses["hier"].backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in m.backbone.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.aux.parameters())
