@@ -136,13 +136,17 @@ def test_report_group_by_and_cli(fake_runs, tmp_path, capsys, monkeypatch):
     half = fake_runs / "ce" / "seed9"
     half.mkdir()
     (half / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 1.0}) + "\n")
+    nullrun = make_run(fake_runs, "ce", "ce", 7, 1.0, 1.0, 1.0, 1)
+    summ = json.loads((nullrun / "summary.json").read_text())
+    (nullrun / "summary.json").write_text(json.dumps({**summ, "test_top1": None}))
     out = tmp_path / "cli"
     assert main(["report", str(fake_runs), "--out", str(out), "--group-by", "method,data.train_fraction",
                  "--compare-to", "none", "--no-plots"]) == 0
     rows = read_csv(out / "report.csv")
     assert len(rows) == 6 and all(r["delta_top1_vs_baseline"] == "" for r in rows)
-    assert "1 unfinished run(s) left out" in capsys.readouterr().out
-    assert f"`{half}`" in (out / "report.md").read_text()
+    assert "2 unfinished run(s) left out" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert f"`{half}`" in md and f"`{nullrun}`" in md
 
     # matplotlib is optional: a clear error, and nothing half-written
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -123,15 +123,13 @@ def load_run(path: str | Path) -> Run:
                 metrics.append(json.loads(line))
             except ValueError:
                 raise DataError(f"{mfile}: line {n} is not valid JSON") from None
-    for key in ("test_top1",):
-        if summary.get(key) is None:
-            raise DataError(f"{path / 'summary.json'}: no value for '{key}'")
     return Run(path, summary, cfg, metrics)
 
 
 def find_runs(paths: Sequence[str | Path]) -> Tuple[List[Run], List[Path]]:
     """Finished runs under ``paths`` (searched recursively), and the directories of
-    unfinished ones (``metrics.jsonl`` or ``last.pt`` without ``summary.json``)."""
+    unfinished ones (``metrics.jsonl`` or ``last.pt`` without ``summary.json``, or a
+    summary without ``test_top1``)."""
     runs, unfinished, seen = [], [], set()
     for p in paths:
         p = Path(p)
@@ -141,7 +139,9 @@ def find_runs(paths: Sequence[str | Path]) -> Tuple[List[Run], List[Path]]:
             d = s.parent.resolve()
             if d not in seen:
                 seen.add(d)
-                runs.append(load_run(s.parent))
+                run = load_run(s.parent)
+                # A summary without a last-epoch accuracy has nothing to average.
+                (runs.append(run) if run.summary.get("test_top1") is not None else unfinished.append(s.parent))
         for marker in ("metrics.jsonl", "last.pt"):
             for m in sorted(p.rglob(marker)) if p.is_dir() else []:
                 d = m.parent
