@@ -38,6 +38,7 @@ DEFAULTS: Dict[str, Any] = {
         "checksum": "",  # 'md5:<hex>' or 'sha256:<hex>' for data.url ('' = official)
         "mean": [],  # [] = the dataset's own statistics
         "std": [],
+        "activities": "basic",  # hapt: basic (6 activities, labels 0..5) | all (12, with transitions)
         "augment": {
             "crop_padding": 4,
             "flip": True,

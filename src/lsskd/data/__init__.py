@@ -3,3 +3,4 @@ from .base import ArrayDataset, BatchIterator, DataBundle, DataError, stratified
 from .augment import BatchAugment, MixInfo  # noqa: F401
 from .registry import build_data  # noqa: F401
 from . import cifar, digits, tiny_imagenet  # noqa: F401,E402  (register datasets)
+from . import sensors  # noqa: F401,E402  (hapt, uci_har)

@@ -48,5 +48,62 @@ class Identity(ViewFamily):
         return x
 
 
+@TRANSFORMS.register("time_flip")
+class TimeFlips(ViewFamily):
+    """Signals (B, C, T): the group {identity, time reversal, sign flip, both} (M = 4).
+
+    View k applies time reversal if bit 0 of k is set and negation if bit 1 is set:
+    t_0(x) = x, t_1(x) = x[..., ::-1], t_2(x) = -x, t_3(x) = -x[..., ::-1]. Every view
+    is an involution (the group is Z2 x Z2). Telling the views apart is learnable because
+    gravity biases the accelerometer's sign and gait is not time-symmetric; time reversal
+    and negation are standard pretext transformations for wearables (Saeed et al., "Multi-task
+    Self-Supervised Learning for Human Activity Detection", IMWUT 2019).
+    """
+
+    num_views = 4
+    modality = "signal"
+
+    @staticmethod
+    def view(x: torch.Tensor, k: int) -> torch.Tensor:
+        if k & 1:
+            x = x.flip(-1)
+        if k & 2:
+            x = -x
+        return x
+
+    def __call__(self, x):
+        return torch.cat([self.view(x, k) for k in range(4)])
+
+
+@TRANSFORMS.register("axis_perm")
+class AxisPermutations(ViewFamily):
+    """Signals (B, C, T) whose channels are 3-axis sensors (C = 3g: acc xyz, gyro xyz, ...):
+    cyclic permutations of the axes inside every sensor group (M = 3).
+
+    View k maps channel 3g + j to channel 3g + (j + k) mod 3, i.e. output axis j of each
+    sensor reads input axis (j + k) mod 3: t_0 = identity, t_1 = (y, z, x), t_2 = (z, x, y).
+    The views form the cyclic group Z3 (t_1 applied three times is the identity). The
+    pretext task asks which axis carries gravity/motion, which depends on the device's
+    orientation on the body.
+    """
+
+    num_views = 3
+    modality = "signal"
+
+    @staticmethod
+    def view(x: torch.Tensor, k: int) -> torch.Tensor:
+        c = x.shape[1]
+        if c % 3:
+            from ..config import ConfigError
+
+            raise ConfigError(f"method.views=axis_perm needs channels in 3-axis groups, got {c} channels")
+        j = torch.arange(c, device=x.device)
+        src = (j // 3) * 3 + (j % 3 + k) % 3
+        return x.index_select(1, src)
+
+    def __call__(self, x):
+        return torch.cat([self.view(x, k) for k in range(3)])
+
+
 def build_views(name: str) -> ViewFamily:
     return TRANSFORMS.build(name)

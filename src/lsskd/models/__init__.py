@@ -1,6 +1,7 @@
 """Backbone zoo. Every model is a :class:`StagedBackbone` registered by name."""
 from .staged import GlobalPool, StagedAdapter, StagedBackbone, describe_stages  # noqa: F401
 from . import cifar_resnet  # noqa: F401
+from . import conv1d  # noqa: F401  (1D backbones for sensor signals)
 
 from ..registry import MODELS
 
