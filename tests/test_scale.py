@@ -228,3 +228,29 @@ def test_pinned_batches_on_cuda():
     assert not x[torch.tensor([0, 2])].is_pinned()  # why the dataset is not pinned instead
     xb = _pinned_batch(x[torch.tensor([0, 2])])
     assert xb.is_pinned() and xb.tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]
+
+
+# --- lsskd bench -----------------------------------------------------------------------
+def test_bench_report_and_cli(tmp_path):
+    from lsskd.bench import run_bench
+    from lsskd.cli import main
+
+    rep = run_bench("resnet8", 4, ["ce", "lsskd:views_per_step=2"], steps=1, warmup=0,
+                    num_classes=10, input_shape=(3, 16, 16), isolate=False)
+    ce, ls = rep["results"]
+    assert ce["flops_ratio"] == 1.0 and ce["time_ratio"] == 1.0
+    assert ls["options"] == {"views_per_step": 2}
+    # FLOPs ratio = training MACs / deployed MACs of the same method (2 of 4 views).
+    ref = _method(views_per_step=2)
+    macs = ref.training_macs((3, 16, 16)) / ce["macs_deployed"]
+    assert ls["flops_ratio"] == pytest.approx(macs, rel=1e-3) and ls["macs_deployed"] == ce["macs_deployed"]
+    assert ls["store_bytes"] == ref.store.nbytes // 8 * 4  # 4 samples instead of 8
+    for r in (ce, ls):
+        assert 0 < r["aug_fraction"] < 1 and r["step_ms"] > 0
+    assert rep["store_bytes_per_sample"]["cifar100_resnet"]["bytes_per_sample"]["dense_fp32"] == 19605
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "resnet8", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                 "--methods", "ce", "--image-size", "16", "--num-classes", "5", "--no-isolate",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["method"] == "ce"
+    assert main(["bench", "--methods", "nosuch", "--no-isolate"]) == 2
