@@ -1,0 +1,90 @@
+"""``lsskd export --checkpoint FILE --format torchscript|onnx``: ship the bare backbone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="export the deployed backbone to TorchScript or ONNX (+ metadata JSON)")
+    p.add_argument("--checkpoint", required=True, help="last.pt / best.pt written by `lsskd train`")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--out", help="output file (default: next to the checkpoint, .ts / .onnx); "
+                                 "metadata goes to OUT.json")
+    p.add_argument("--parity-images", type=int, default=64,
+                   help="test inputs used to check the exported file against PyTorch (0 = skip)")
+    p.add_argument("--parity-inputs", default="test", choices=["test", "random"],
+                   help="'test': the run's real test split (needs its data); 'random': N(0,1) inputs")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |diff| of logits (fp32)")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX only: also write OUT with .int8.onnx, statically quantised (onnxruntime), "
+                        "and report test top-1 before/after")
+    p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration")
+    p.add_argument("--eval-images", type=int, default=0, help="test images for the int8 accuracy check (0 = all)")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="load with weights_only=False (only for checkpoints you trust)")
+    p.add_argument("overrides", nargs="*", help="data overrides for the parity/int8 inputs, e.g. data.root=PATH")
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import deploy
+    from ..cli import CLIError
+
+    dep = deploy.load_deployed(args.checkpoint, weights_only=not args.unsafe_load)
+    out = Path(args.out) if args.out else deploy.default_export_path(args.checkpoint, args.format)
+    parity_x, source = None, ""
+    if args.parity_images > 0:
+        if args.parity_inputs == "test":
+            parity_x = deploy.parity_inputs(args.checkpoint, dep, args.parity_images, args.overrides)
+            source = f"{len(parity_x)} evenly spaced test inputs of {dep.config['data']['name']}"
+        else:
+            parity_x = torch.randn(args.parity_images, *dep.input_shape, generator=torch.Generator().manual_seed(0))
+            source = f"{args.parity_images} N(0,1) inputs (seed 0)"
+    try:
+        meta = deploy.export(dep, args.format, out, parity_x, source, args.tolerance)
+    except deploy.ExportError as e:
+        raise CLIError(str(e)) from None
+    report = {"file": str(out), "metadata": str(deploy.metadata_path(out)), "format": args.format,
+              "bytes": meta["bytes"], "sha256": meta["sha256"], "params": meta["params"],
+              "parity": meta.get("parity")}
+    if args.int8:
+        if args.format != "onnx":
+            raise CLIError("--int8 needs --format onnx")
+        report["int8"] = _int8(args, dep, out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _int8(args, dep, out: Path) -> dict:
+    import torch
+
+    from .. import deploy
+    from ..cli import CLIError
+    from ..data import build_data
+    from ..engine.checkpoint import atomic_write_json
+    from ..engine.evaluation import load_trained
+
+    cfg, _ = load_trained(args.checkpoint, args.overrides)
+    bundle = build_data(cfg["data"])
+    g = torch.Generator().manual_seed(0)
+    # A random subset: the training set is stored class by class.
+    pick = torch.randperm(len(bundle.train), generator=g)[: args.calib_images]
+    calib = dep.normalize(bundle.train.x[pick])
+    n = args.eval_images or len(bundle.test)
+    xt, yt = dep.normalize(bundle.test.x[:n]), bundle.test.y[:n]
+    qout = out.with_name(out.name[: -len(out.suffix)] + ".int8.onnx") if out.suffix else out.with_name(out.name + ".int8.onnx")
+    try:
+        deploy.quantize_onnx(out, qout, calib)
+        fp32 = deploy.accuracy(deploy.load_runner(out), xt, yt)
+        int8 = deploy.accuracy(deploy.load_runner(qout), xt, yt)
+    except deploy.ExportError as e:
+        raise CLIError(str(e)) from None
+    res = {"file": str(qout), "bytes": qout.stat().st_size, "calibration_images": int(len(calib)),
+           "test_images": int(n), "top1_fp32": fp32, "top1_int8": int8, "top1_drop": fp32 - int8}
+    meta = deploy.read_metadata(qout)
+    meta["quantization"].update({k: res[k] for k in ("test_images", "top1_fp32", "top1_int8", "top1_drop")})
+    atomic_write_json(deploy.metadata_path(qout), meta)
+    return res

@@ -1,0 +1,60 @@
+"""``lsskd profile --checkpoint FILE``: size and CPU latency of the deployed model."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser("profile", help="parameters, MACs, file sizes and batch-1 CPU latency of the "
+                                       "deployed model vs the same architecture built plainly")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--compare-model", action="append", default=[], metavar="NAME",
+                   help="also time a plainly built model of this name (repeatable)")
+    p.add_argument("--exported", action="append", default=[], metavar="FILE",
+                   help="also time an exported TorchScript/ONNX file (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch/onnxruntime CPU threads (0 = default)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=100, help="timed calls per model (median reported)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the calls are split into")
+    p.add_argument("--no-training-params", action="store_true",
+                   help="skip rebuilding the training-time method (needs the run's data) for its size")
+    p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="load with weights_only=False (only for checkpoints you trust)")
+    p.add_argument("overrides", nargs="*", help="data overrides for rebuilding the method, e.g. data.root=PATH")
+    return p
+
+
+def run(args) -> int:
+    from .. import deploy
+    from ..cli import CLIError
+    from ..engine.checkpoint import atomic_write_json
+
+    if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        raise CLIError("--repeats and --rounds must be >= 1 and --warmup >= 0")
+    try:
+        rep = deploy.profile(args.checkpoint, args.compare_model, args.exported, args.threads, args.warmup,
+                             args.repeats, args.rounds, args.overrides, not args.no_training_params,
+                             not args.unsafe_load)
+    except deploy.ExportError as e:
+        raise CLIError(str(e)) from None
+    print(f"{'':24s}{'params':>12s}{'MACs':>14s}{'latency ms':>12s}")
+    for key, r in rep["rows"].items():
+        params = f"{r['params']:,}" if "params" in r else "-"
+        macs = f"{r['macs']:,}" if "macs" in r else "-"
+        print(f"{key[:24]:24s}{params:>12s}{macs:>14s}{r['latency_ms']:>12.3f}")
+    ratio = rep["latency_ratio_deployed_over_plain"]
+    d = rep["rows"]["deployed"]
+    t = rep["training_model"]
+    print(f"latency ratio deployed/plain: {ratio:.3f} (batch 1, {rep['threads']} thread(s), "
+          f"median of {rep['repeats']})")
+    print(f"files: torchscript {d['torchscript_bytes']:,} B, onnx {d['onnx_bytes'] or 0:,} B, "
+          f"checkpoint {t['checkpoint_bytes']:,} B")
+    if t["params"] is not None:
+        print(f"training-time model (with auxiliary parts): {t['params']:,} params "
+              f"vs deployed {d['params']:,} ({t['source']})")
+    else:
+        print(f"training-time model size: {t['source']}")
+    if args.json:
+        atomic_write_json(args.json, rep)
+    return 0
