@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +24,8 @@ from ..config import ConfigError, dump
 from ..data import BatchAugment, BatchIterator, DataBundle, build_data
 from ..models import build_model
 from ..registry import METHODS
-from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write_json, atomic_write_text, load_latest,
+                         previous_path, save_checkpoint)
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .profile import count_macs, count_params
 
@@ -34,6 +36,73 @@ class NonFiniteError(RuntimeError):
 
 class RunDirError(RuntimeError):
     """The run directory would be overwritten, or cannot be resumed."""
+
+
+class ResourceError(MemoryError):
+    """Out of (GPU or host) memory; the message says where and what to lower.
+    A ``MemoryError`` so callers that catch that still see it."""
+
+
+# Checkpoint keys resume needs; a file without them is not one of ours.
+_RESUME_KEYS = ("method", "optimizer", "scaler", "epoch", "step", "order", "rng", "best",
+                "train_seconds", "skipped_steps", "accum")
+
+
+def _oom_types():
+    return (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
+
+
+def check_run_config(cfg: Dict) -> None:
+    """Cheap checks run before any data is loaded, so a bad config fails in
+    milliseconds with the key named (the method's own keys included)."""
+    from ..registry import MODELS
+    from ..config import validate_section
+
+    t = cfg["train"]
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
+    for key in ("ckpt_every_steps", "max_skipped_steps", "max_steps_per_epoch", "threads"):
+        if t[key] < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {t[key]}")
+    if t["nonfinite"] not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite must be stop or skip, got {t['nonfinite']!r}")
+    lr = cfg["optim"]["lr"]
+    if not math.isfinite(lr) or lr < 0:
+        raise ConfigError(f"optim.lr must be a finite number >= 0, got {lr}")
+    if t["amp"] not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"train.amp must be off, bf16 or fp16, got {t['amp']!r}")
+    if t["device"] != "auto":
+        try:
+            torch.device(t["device"])
+        except RuntimeError:
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t['device']!r}") from None
+    if cfg["optim"]["name"] != "sgd":
+        raise ConfigError(f"optim.name must be 'sgd', got {cfg['optim']['name']!r}")
+    if cfg["optim"]["schedule"] not in ("step", "cosine"):
+        raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {cfg['optim']['schedule']!r}")
+    if cfg["data"]["eval_on"] not in ("test", "val"):
+        raise ConfigError(f"data.eval_on must be test or val, got {cfg['data']['eval_on']!r}")
+    from ..registry import DATASETS
+
+    for section, reg in (("model", MODELS), ("method", METHODS), ("data", DATASETS)):
+        name = cfg[section].get("name")
+        if name not in reg:
+            raise ConfigError(f"{section}.name: unknown {reg.kind} {name!r}; "
+                              f"registered: {', '.join(reg.names())}")
+    kwargs = cfg["model"].get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"config key 'model.kwargs' must be a mapping, got {kwargs!r}")
+    import inspect
+
+    try:
+        inspect.signature(MODELS.get(cfg["model"]["name"])).bind(num_classes=2, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs do not fit model {cfg['model']['name']!r}: {e}") from None
+    except ValueError:  # no introspectable signature: leave it to the constructor
+        pass
+    validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
+                     METHODS.get(cfg["method"]["name"]).defaults, "method.")
 
 
 def resolve_device(pref: str, dist_info: DistInfo) -> torch.device:
@@ -162,9 +231,15 @@ def _pinned_batch(xb: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: Dict, resume: bool = False, bundle: DataBundle | None = None):
+    """``unsafe_load``: resume with ``torch.load(weights_only=False)`` (trusted files only)."""
+
+    def __init__(self, cfg: Dict, resume: bool = False, bundle: DataBundle | None = None,
+                 unsafe_load: bool = False):
+        check_run_config(cfg)
         self.cfg = cfg
         self.tcfg = cfg["train"]
+        self.unsafe_load = unsafe_load
+        self._where = "setup"
         self.dist = init_distributed(self.tcfg["device"])
         self.device = resolve_device(self.tcfg["device"], self.dist)
         self.run_dir = Path(cfg["out_dir"])
@@ -177,7 +252,12 @@ class Trainer:
         torch.manual_seed(cfg["seed"])
         self.bundle = bundle or build_data(cfg["data"])
         torch.manual_seed(cfg["seed"])  # model init independent of data loading
-        self.method = build_method(cfg, self.bundle).to(self.device)
+        try:
+            self.method = build_method(cfg, self.bundle).to(self.device)
+        except TypeError as e:
+            if not cfg["model"].get("kwargs"):
+                raise
+            raise ConfigError(f"model.kwargs do not fit model {cfg['model']['name']!r}: {e}") from None
         if self.tcfg["channels_last"]:
             # Not the soft-target store: its 4-D buffers are tables, not images.
             for child in self.method.children():
@@ -221,14 +301,16 @@ class Trainer:
         self.skipped_steps = 0
         self.accum: Dict[str, float] = {}
         self.writer = None
+        self.resumed_from: Optional[Path] = None
         if resume:
             self._load(self.run_dir / "last.pt")
 
     # --- run directory -------------------------------------------------------
     def _check_run_dir(self) -> None:
         if self.resume:
-            if not (self.run_dir / "last.pt").is_file():
-                raise RunDirError(f"cannot resume: no checkpoint {self.run_dir / 'last.pt'}")
+            last = self.run_dir / "last.pt"
+            if not last.is_file() and not previous_path(last).is_file():
+                raise RunDirError(f"cannot resume: no checkpoint {last} (nor {previous_path(last).name})")
             return
         if self.run_dir.exists() and any(
             (self.run_dir / f).exists() for f in ("config.yaml", "last.pt", "metrics.jsonl", "summary.json")
@@ -273,19 +355,25 @@ class Trainer:
         }
 
     def save(self, epoch_done: int, step: int) -> None:
+        # keep_previous: last.pt's predecessor stays as last.prev.pt (with its checksum),
+        # so a crash mid-save never leaves the run without a valid checkpoint.
         if self.dist.is_main:
-            save_checkpoint(self._state(epoch_done, step), self.run_dir / "last.pt")
+            save_checkpoint(self._state(epoch_done, step), self.run_dir / "last.pt", keep_previous=True)
 
     def _load(self, path: Path) -> None:
+        st, used = load_latest(path, weights_only=not self.unsafe_load)
+        self.resumed_from = used
+        missing = [k for k in _RESUME_KEYS if k not in st]
+        if missing:
+            raise CheckpointError(f"checkpoint {used} cannot be resumed: missing {', '.join(missing)}")
+        if st.get("config", {}).get("method", {}).get("name") not in (None, self.cfg["method"]["name"]):
+            raise CheckpointError(f"checkpoint {used} was written by method "
+                                  f"{st['config']['method']['name']!r}, the run's config says "
+                                  f"{self.cfg['method']['name']!r}")
         try:
-            st = load_checkpoint(path)
-        except CheckpointError:
-            backup = path.with_name("last.prev.pt")
-            if not backup.is_file():
-                raise
-            print(f"warning: {path} is damaged; resuming from the previous checkpoint {backup}")
-            st = load_checkpoint(backup)
-        self.method.load_state_dict(st["method"])
+            self.method.load_state_dict(st["method"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {used} does not fit the configured model: {e}") from None
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         torch.set_rng_state(st["rng"]["torch"])
@@ -302,6 +390,22 @@ class Trainer:
 
     # --- loop ------------------------------------------------------------------
     def fit(self) -> Dict:
+        """Train to ``train.epochs`` and return the summary. Out-of-memory errors come
+        back as :class:`ResourceError` saying where they happened and what to lower."""
+        try:
+            return self._fit()
+        except _oom_types() as e:
+            if isinstance(e, ResourceError):
+                raise
+            raise ResourceError(
+                f"out of memory on {self.device} during {self._where} ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}). Lower "
+                f"train.batch_size (now {self.tcfg['batch_size']}) or train.eval_batch_size (now "
+                f"{self.tcfg['eval_batch_size']}), or set method.store_dtype=float16 for methods "
+                "with a soft-target store; resume with `lsskd train --resume "
+                f"{self.run_dir}` once a checkpoint exists") from e
+
+    def _fit(self) -> Dict:
         cfg, t = self.cfg, self.tcfg
         main = self.dist.is_main
         if main:
@@ -350,28 +454,30 @@ class Trainer:
             self.train_seconds += time.time() - t0
             if t["bn_recalibrate"]:
                 recalibrate_bn(self.method.backbone, self.bundle.train, self.aug, t["eval_batch_size"], self.device)
+            self._where = f"evaluation after epoch {epoch0 + 1}"
             last_eval = evaluate(self.method, eval_ds, self.aug, t["eval_batch_size"], self.device,
                                  t["channels_last"], self.autocast)
             row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"{cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()},
                    "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
-                   "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0)}
+                   "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0),
+                   "skipped_steps": self.skipped_steps}
             if last_eval["top1"] > self.best["top1"]:
                 self.best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "epoch": epoch0 + 1}
                 if main:
                     save_checkpoint(self._state(epoch0 + 1, 0), self.run_dir / "best.pt")
             if main:
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                self._append_metrics(row)
                 if self.writer is not None:
                     for k, v in row.items():
                         if isinstance(v, (int, float)) and k != "epoch":
                             self.writer.add_scalar(k.replace("_", "/", 1), v, epoch0 + 1)
                     self.writer.flush()
-                if (self.run_dir / "last.pt").is_file():
-                    os.replace(self.run_dir / "last.pt", self.run_dir / "last.prev.pt")
                 self.save(epoch0 + 1, 0)
+        if not last_eval:  # resumed after the final epoch's checkpoint: nothing left to train
+            last_eval = evaluate(self.method, eval_ds, self.aug, t["eval_batch_size"], self.device,
+                                 t["channels_last"], self.autocast)
         summary = self._summary(last_eval)
         if main:
             atomic_write_json(self.run_dir / "summary.json", summary)
@@ -381,6 +487,10 @@ class Trainer:
 
     def _train_step(self, idx, xb, yb, epoch0, step):
         dev = self.device
+        self._where = f"training step {step + 1} of epoch {epoch0 + 1}"
+        # A skipped step must leave the model as it was, BN running stats included
+        # (the forward pass that produced the NaN already updated them).
+        bn_saved = self._bn_buffers() if self.tcfg["nonfinite"] == "skip" else None
         extra = self.method.sample_extra(idx, self.bundle.train.y, self.aug_gen)
         if extra is not None:
             idx = torch.cat([idx, extra])
@@ -415,10 +525,19 @@ class Trainer:
             if self.tcfg["nonfinite"] == "skip" and self.skipped_steps < self.tcfg["max_skipped_steps"]:
                 self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                print(f"warning: {msg}; step skipped ({self.skipped_steps}/{self.tcfg['max_skipped_steps']})")
+                with torch.no_grad():
+                    for buf, saved in bn_saved:
+                        buf.copy_(saved)
+                print(f"warning: {msg}; step skipped ({self.skipped_steps}/{self.tcfg['max_skipped_steps']})",
+                      file=sys.stderr)
                 return
-            raise NonFiniteError(f"{msg}; the last good checkpoint is {self.run_dir / 'last.pt'}. "
-                                 "Lower optim.lr, or set train.nonfinite=skip to skip such steps")
+            last = self.run_dir / "last.pt"
+            where = (f"the last good checkpoint is {last}" if last.is_file()
+                     else "no checkpoint was written before it")
+            limit = (f" after skipping {self.skipped_steps} step(s) (train.max_skipped_steps)"
+                     if self.tcfg["nonfinite"] == "skip" else "")
+            raise NonFiniteError(f"{msg}{limit}; {where}. Lower optim.lr, or set train.nonfinite=skip "
+                                 "(and train.max_skipped_steps) to skip such steps")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step()
@@ -441,13 +560,34 @@ class Trainer:
         out["n"] = tot.get("n", 0.0)
         return out
 
-    def _truncate_metrics(self, epochs_done: int) -> None:
+    def _bn_buffers(self):
+        return [(b, b.detach().clone()) for m in self.method.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+    def _metric_lines(self) -> list:
+        """metrics.jsonl's complete rows; an unparsable line (a file written by a
+        crashed older version) is dropped rather than failing the resume."""
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
-            return
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in rows if json.loads(ln)["epoch"] <= epochs_done]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+            return []
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                if isinstance(json.loads(ln), dict):
+                    keep.append(ln)
+            except ValueError:
+                continue
+        return keep
+
+    def _append_metrics(self, row: Dict) -> None:
+        # Rewritten whole and atomically (it is small): a crash never leaves half a line.
+        lines = self._metric_lines() + [json.dumps(row)]
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in lines))
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        """On resume: keep only the rows of epochs the checkpoint has finished."""
+        keep = [ln for ln in self._metric_lines() if json.loads(ln).get("epoch", 0) <= epochs_done]
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in keep))
 
     def _summary(self, last_eval: Dict[str, float]) -> Dict:
         cfg = self.cfg
