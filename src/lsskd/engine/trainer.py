@@ -604,6 +604,10 @@ class Trainer:
             "test_top1": last_eval.get("top1"),
             "test_top5": last_eval.get("top5"),
             "test_top1_best": self.best["top1"],
+            # With data.eval_on=val the three scores above are on the held-out split, and
+            # val_* copies make that explicit; no test-set number is produced then.
+            **({"val_top1": last_eval.get("top1"), "val_top5": last_eval.get("top5"),
+                "val_top1_best": self.best["top1"]} if cfg["data"]["eval_on"] == "val" else {}),
             "best_epoch": self.best["epoch"],
             "params_deployed": count_params(deployed),
             "params_train": count_params(self.method),
