@@ -107,3 +107,26 @@ def test_ddp_two_ranks_match_single_process(ddp_bundle, tmp_path):
     assert float(diff) < 0.05
 
 
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_ranks(cifar_root, tmp_path):
+    """The documented launch: ``python -m torch.distributed.run --nproc_per_node=2 -m lsskd train``
+    on the shared CIFAR-100 folder (4 images per class, evaluated on a held-out quarter)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "lsskd", "train",
+           f"out_dir={out}", f"data.root={cifar_root}", "data.per_class=4", "data.val_fraction=0.25",
+           "data.eval_on=val", "model.name=resnet8", "method.name=lsskd", "train.epochs=2",
+           "train.max_steps_per_epoch=2", "train.batch_size=32", "train.device=cpu",
+           "train.progress=false", "train.tensorboard=false", "train.threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["train_n"] == 64 for r in rows)
+    assert res.stdout.count('"test_top1"') == 1  # only rank 0 prints the summary
