@@ -31,18 +31,23 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data.base import DataError
     from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteError, RunDirError
+    from .engine.trainer import NonFiniteError, ResourceError, RunDirError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        # One line, so scripts and logs get the whole message (YAML errors span several).
+        msg = "; ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())
         print(f"lsskd {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except torch_oom() as e:  # pragma: no cover - needs a real OOM
-        print(f"lsskd {args.command}: error: out of memory ({e}). Lower train.batch_size, "
-              "or choose a smaller soft-target store (method.store=...)", file=sys.stderr)
+    except torch_oom() as e:  # the trainer's ResourceError (a MemoryError) or a raw OOM
+        if isinstance(e, ResourceError):
+            print(f"lsskd {args.command}: error: {e}", file=sys.stderr)
+        else:
+            print(f"lsskd {args.command}: error: out of memory ({e}). Lower train.batch_size, "
+                  "or set method.store_dtype=float16 (half-size soft-target store)", file=sys.stderr)
         return 3
 
 

@@ -155,19 +155,25 @@ def _nest(path: List[str], value: Any) -> Dict:
     return d
 
 
-def load_yaml(path: str | Path) -> Dict:
+def load_yaml(path: str | Path, _seen: tuple = ()) -> Dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: _base_ chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     base = data.pop("_base_", None)
     if base:
-        parent = load_yaml((path.parent / base).resolve())
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path}: _base_ must be a file name, got {base!r}")
+        parent = load_yaml((path.parent / base).resolve(), _seen + (path.resolve(),))
         data = _deep_update(parent, data)
     return data
 

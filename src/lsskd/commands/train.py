@@ -11,6 +11,8 @@ def add_parser(sub):
     p = sub.add_parser("train", help="train a model (one run directory per run)")
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="with --resume: load the checkpoint with weights_only=False (trusted files only)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.root=PATH seed=1")
     return p
 
@@ -32,7 +34,7 @@ def run(args) -> int:
         if args.overrides:
             raise ConfigError("overrides are not accepted with --resume (the run's config is fixed)")
         cfg["out_dir"] = str(run_dir)
-        trainer = Trainer(cfg, resume=True)
+        trainer = Trainer(cfg, resume=True, unsafe_load=args.unsafe_load)
     else:
         cfg = build_config(args.config, args.overrides)
         trainer = Trainer(cfg)

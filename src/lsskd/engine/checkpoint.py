@@ -1,12 +1,29 @@
-"""Atomic, verifiable writes and safe loading of checkpoints and JSON files."""
+"""Atomic, verifiable writes and safe loading of checkpoints and JSON files.
+
+Guarantees (docs/reliability.md lists the tests that prove them):
+
+* A file is written to a temporary name in the same folder, flushed, fsynced and
+  renamed over the target, so readers see either the old or the new file, never
+  a partial one; the folder entry is fsynced after the rename.
+* A checkpoint gets a ``.sha256`` sidecar, so a truncated or altered file is
+  detected on load instead of failing deep inside ``torch.load``.
+* ``save_checkpoint(..., keep_previous=True)`` first hard-links the current file
+  and its sidecar to ``<name>.prev.pt`` (again via temp name + rename), so at
+  every instant at least one of the two holds a complete, verified checkpoint.
+* ``torch.load`` runs with ``weights_only=True`` (tensors, numbers, strings and
+  plain containers only, no arbitrary code) unless the caller opts out.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
+import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -15,20 +32,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or unsafe; the message names it."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> str:
+    """Write via ``write(fileobj)`` to a temp file, fsync, rename over ``path``.
+    Returns the SHA-256 of what was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        digest = _sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _write_atomic(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -39,25 +78,50 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_checkpoint(state: Dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temp file + fsync + rename, with a SHA-256 sidecar so a
-    truncated or altered file is detected on load. A crash mid-write leaves the
-    previous checkpoint untouched."""
+def sidecar(path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return path.with_name(path.name + ".sha256")
+
+
+def previous_path(path: str | Path) -> Path:
+    """``run/last.pt`` -> ``run/last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` (hard link when possible) without a moment
+    in which ``dst`` is missing or partial."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already the same file (rename would silently do nothing)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    if tmp.exists():
+        tmp.unlink()
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256(tmp)
-        os.replace(tmp, path)
-        atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(state: Dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
+    """``torch.save`` to a temp file + fsync + rename, then a SHA-256 sidecar.
+
+    With ``keep_previous`` the current checkpoint and its sidecar are first kept
+    as ``<stem>.prev<suffix>``. A crash at any point leaves a loadable checkpoint:
+    before the rename ``path`` is the old, intact file; between the rename and the
+    sidecar write ``path`` fails verification and :func:`load_latest` falls back
+    to the kept previous one."""
+    path = Path(path)
+    if keep_previous and path.is_file():
+        prev = previous_path(path)
+        _link_atomic(path, prev)
+        if sidecar(path).is_file():
+            _link_atomic(sidecar(path), sidecar(prev))
+        elif sidecar(prev).exists():
+            sidecar(prev).unlink()
+    digest = _write_atomic(path, lambda f: torch.save(state, f))
+    atomic_write_text(sidecar(path), digest + "\n")
 
 
 def _sha256(path: str | Path) -> str:
@@ -70,16 +134,48 @@ def _sha256(path: str | Path) -> str:
 
 def load_checkpoint(path: str | Path, weights_only: bool = True, map_location="cpu") -> Dict[str, Any]:
     """Load with ``weights_only=True`` (no arbitrary code) unless the caller opts out;
-    verify the SHA-256 sidecar when present."""
+    verify the SHA-256 sidecar when present. Every failure is a :class:`CheckpointError`
+    naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    side = path.with_name(path.name + ".sha256")
+    side = sidecar(path)
     if side.is_file():
         want = side.read_text().strip()
         if want and _sha256(path) != want:
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated: its SHA-256 does not match {side.name}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds here
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only:
+            # torch's message lists the offending global (e.g. 'os.system').
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"refusing to load checkpoint {path}: it contains objects other than tensors and "
+                f"plain containers, which could run code when unpickled ({first}). Pass "
+                "--unsafe-load (weights_only=False) only for a file you trust") from None
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds here (zip, EOF, runtime)
+        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a checkpoint): "
+                              f"{type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def load_latest(path: str | Path, weights_only: bool = True, map_location="cpu") -> Tuple[Dict[str, Any], Path]:
+    """Load ``path`` (e.g. ``run/last.pt``); if it is missing or damaged, fall back to
+    the kept previous checkpoint with a warning on stderr. Returns (state, file used)."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path, weights_only, map_location), path
+    except CheckpointError as first:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        print(f"warning: {first}; resuming from the previous checkpoint {prev}", file=sys.stderr)
+        try:
+            return load_checkpoint(prev, weights_only, map_location), prev
+        except CheckpointError as second:
+            raise CheckpointError(f"no usable checkpoint: {first}; and {second}") from None
