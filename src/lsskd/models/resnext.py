@@ -1,0 +1,87 @@
+"""ResNeXt-29 for 32x32 inputs (Xie et al., "Aggregated Residual Transformations",
+CVPR 2017, Sec. 5.3): a 3x3 conv stem (64 channels, BN, ReLU), three stages of
+three bottleneck blocks with output widths 256/512/1024 and strides 1/2/2, where
+stage i's grouped 3x3 conv has cardinality C and C * d * 2^i channels.
+
+Registered: ``resnext29_8x64d`` (alias ``resnext29``; 34.4M parameters at 10
+classes, as in the paper's Table 7) and ``resnext29_2x64d``, a lighter variant of
+the same design (9.2M). Any C x d (e.g. the paper's 16x64d, 68M) via
+:func:`build_resnext29`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..registry import MODELS
+from .staged import StagedBackbone
+
+
+class ResNeXtBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, group_width: int, cardinality: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, group_width, 1, bias=False),
+            nn.BatchNorm2d(group_width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(group_width, group_width, 3, stride, 1, groups=cardinality, bias=False),
+            nn.BatchNorm2d(group_width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(group_width, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNeXt29(StagedBackbone):
+    def __init__(self, cardinality: int = 8, base_width: int = 64, num_classes: int = 100,
+                 in_channels: int = 3):
+        super().__init__()
+        self._cardinality = cardinality
+        self._group_widths = []
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+        )
+        stages, cin = [], 64
+        for i, cout in enumerate((256, 512, 1024)):
+            gw = cardinality * base_width * 2 ** i
+            self._group_widths.append(gw)
+            blocks = []
+            for b in range(3):
+                blocks.append(ResNeXtBlock(cin, cout, gw, cardinality, (1 if i == 0 else 2) if b == 0 else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.final = nn.Identity()
+        self.classifier = nn.Linear(cin, num_classes)
+        self._finish((in_channels, 32, 32))
+
+    def extra_block(self) -> nn.Module:
+        c = self.stage_channels[-1]
+        return self.fresh_copy(ResNeXtBlock(c, c, self._group_widths[-1], self._cardinality, 1))
+
+
+def build_resnext29(cardinality: int, base_width: int, num_classes: int = 100, **kw) -> ResNeXt29:
+    """Generic ResNeXt-29 (C x d) builder."""
+    return ResNeXt29(cardinality, base_width, num_classes, **kw)
+
+
+def _register(cardinality: int, base_width: int, *aliases: str):
+    name = f"resnext29_{cardinality}x{base_width}d"
+
+    @MODELS.register(name, *aliases)
+    def build(num_classes: int = 100, **kw):
+        return ResNeXt29(cardinality, base_width, num_classes, **kw)
+
+    build.__doc__ = f"ResNeXt-29 ({cardinality}x{base_width}d) for 32x32 inputs."
+    build.__name__ = name
+    return build
+
+
+_register(8, 64, "resnext29")
+_register(2, 64)
