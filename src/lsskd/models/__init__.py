@@ -2,6 +2,7 @@
 from .staged import GlobalPool, StagedAdapter, StagedBackbone, describe_stages  # noqa: F401
 from . import cifar_resnet  # noqa: F401
 from . import conv1d  # noqa: F401  (1D backbones for sensor signals)
+from . import wrn, preact_resnet, vgg, mobilenetv2, shufflenet, resnext, imagenet_resnet  # noqa: F401
 
 from ..registry import MODELS
 
