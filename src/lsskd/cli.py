@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Sub-command modules, in the order `lsskd --help` lists them.
-COMMANDS = ["train", "eval", "export", "predict", "profile", "sweep", "report", "bench"]
+COMMANDS = ["train", "eval", "tune", "export", "predict", "profile", "sweep", "report", "bench"]
 
 
 class CLIError(Exception):
