@@ -214,3 +214,17 @@ def test_branch_grad_zero_stops_aux_gradient_into_backbone():
     losses["hier"].backward()
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in m.backbone.parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.aux.parameters())
+
+
+def test_loads_checkpoints_from_before_per_view_store_flags():
+    m = make("lsskd", num_train=8)
+    m.train()
+    x, y, idx = _batch()
+    _, losses = m(x, y, idx)
+    sum(losses.values()).backward()
+    m.after_step()
+    old = {k: v for k, v in m.state_dict().items() if k not in ("store.filled_views", "_extra_state")}
+    m2 = make("lsskd", num_train=8)
+    m2.load_state_dict(old)
+    assert torch.equal(m2.store.filled_views, m.store.filled_views)
+    assert m2._view_step == 0

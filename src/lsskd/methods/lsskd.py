@@ -203,6 +203,11 @@ class LSSKD(Method):
     def set_extra_state(self, state) -> None:
         self._view_step = int(state.get("view_step", 0))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before views_per_step existed carry no view counter.
+        state_dict.setdefault(prefix + "_extra_state", {"view_step": 0})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward_all(self, x: torch.Tensor, views: List[int] | None = None):
         """Views -> backbone once -> (z on identity view, h on the views, [(h_l, s_l)]).
         ``views`` (identity first) restricts the stacked batch to those views."""

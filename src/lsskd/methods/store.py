@@ -56,6 +56,16 @@ class _StoreBase(nn.Module):
         self.register_buffer("filled_views", torch.zeros(num_samples, num_views if num_branches else 0,
                                                          dtype=torch.bool))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints from lsskd before per-view flags: every view of a written sample was written.
+        key = prefix + "filled_views"
+        if key not in state_dict and prefix + "filled" in state_dict:
+            filled = state_dict[prefix + "filled"]
+            state_dict[key] = filled[:, None].expand(-1, self.filled_views.shape[1]).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def _apply(self, fn, recurse=True):
         # host=True: stay in CPU memory when the method moves to an accelerator.
         if self.host:
