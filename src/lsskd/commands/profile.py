@@ -38,11 +38,12 @@ def run(args) -> int:
                              not args.unsafe_load)
     except deploy.ExportError as e:
         raise CLIError(str(e)) from None
-    print(f"{'':24s}{'params':>12s}{'MACs':>14s}{'latency ms':>12s}")
+    width = max([24] + [len(k) + 2 for k in rep["rows"]])
+    print(f"{'':{width}s}{'params':>12s}{'MACs':>14s}{'latency ms':>12s}")
     for key, r in rep["rows"].items():
         params = f"{r['params']:,}" if "params" in r else "-"
         macs = f"{r['macs']:,}" if "macs" in r else "-"
-        print(f"{key[:24]:24s}{params:>12s}{macs:>14s}{r['latency_ms']:>12.3f}")
+        print(f"{key:{width}s}{params:>12s}{macs:>14s}{r['latency_ms']:>12.3f}")
     ratio = rep["latency_ratio_deployed_over_plain"]
     d = rep["rows"]["deployed"]
     t = rep["training_model"]
