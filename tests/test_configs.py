@@ -52,8 +52,13 @@ def is_cell(p: Path) -> bool:
     return not p.name.startswith("base")
 
 
-def load(p: Path) -> Dict:
+@functools.lru_cache(maxsize=None)
+def _load(p: Path) -> Dict:
     return build_config(p)
+
+
+def load(p: Path) -> Dict:
+    return copy.deepcopy(_load(Path(p).resolve()))
 
 
 # ----------------------------------------------------------------------------- fake data
@@ -197,15 +202,17 @@ def teacher_config(student: Path, ckpt: str) -> Path:
 def test_kd_teachers_are_the_sweep_layout_of_an_earlier_plan(plans):
     """A KD student's teacher_checkpoint is <out_root>/<teacher stem>/seed0/best.pt of a
     plan that trains the teacher (seed 0) and is not the student's own plan."""
+    planned: Dict[Path, list] = {}
+    for p, (plan, _) in plans.items():
+        for c in plan["configs"]:
+            planned.setdefault((ROOT / c).resolve(), []).append(p)
     kd = [p for p in CONFIG_FILES if is_cell(p) and load(p)["method"]["name"] == "kd"]
     assert len(kd) >= 2 * 6 + 2 * 3
     for student in kd:
         ckpt = load(student)["method"]["teacher_checkpoint"]
         t = teacher_config(student, ckpt)
-        t_plans = [(p, plan) for p, (plan, _) in plans.items()
-                   if any((ROOT / c).resolve() == t.resolve() for c in plan["configs"])]
-        s_plans = [p for p, (plan, _) in plans.items()
-                   if any((ROOT / c).resolve() == student.resolve() for c in plan["configs"])]
+        t_plans = [(p, plans[p][0]) for p in planned.get(t.resolve(), [])]
+        s_plans = planned.get(student.resolve(), [])
         assert len(t_plans) == 1 and len(s_plans) == 1, rel(student)
         (tp, tplan), sp = t_plans[0], s_plans[0]
         assert tp != sp, f"{rel(student)}: teacher and student in the same plan {sp.name}"
