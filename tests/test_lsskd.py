@@ -228,3 +228,64 @@ def test_loads_checkpoints_from_before_per_view_store_flags():
     m2.load_state_dict(old)
     assert torch.equal(m2.store.filled_views, m.store.filled_views)
     assert m2._view_step == 0
+
+
+def test_gate_fit_keeps_backbone_at_ce_below_the_floor_and_opens_linearly():
+    m = make("lsskd", gate="fit", gate_floor=0.5)
+    m.on_epoch_start(3, 4)
+    m.on_epoch_end({"top1": 40.0})  # below the floor: closed
+    assert m.gate() == 0.0 and m.alpha() == 0.0
+    m.on_epoch_end({"top1": 80.0})  # (0.8 - 0.5) / 0.5
+    assert m.gate() == pytest.approx(0.6)
+    assert m.alpha() == pytest.approx(0.8 * 3 / 4 * 0.6)
+    assert m.schedule_stats() == {"alpha": pytest.approx(0.36), "gate": pytest.approx(0.6)}
+    assert make("lsskd").gate() == 1.0
+
+    # Closed gate: the backbone's gradient is exactly CE's; the branches still learn.
+    m = make("lsskd", gate="fit", num_train=8)
+    m.train()
+    x, y, idx = _batch()
+    m.on_epoch_start(2, 4)
+    z, losses = m(x, y, idx)
+    sum(losses.values()).backward(retain_graph=True)
+    got = [p.grad.clone() for p in m.backbone.parameters()]
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.aux.parameters())
+    m.zero_grad()
+    F.cross_entropy(z, y).backward()
+    for g, p in zip(got, m.backbone.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_gate_rejects_bad_values():
+    from lsskd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.gate"):
+        make("lsskd", gate="always")
+    with pytest.raises(ConfigError, match="gate_floor"):
+        make("lsskd", gate_floor=1.0)
+    with pytest.raises(ConfigError, match="bn_views"):
+        make("lsskd", bn_views="per_view")
+
+
+def test_bn_views_split_keeps_running_stats_of_the_identity_view():
+    x, y, idx = _batch()
+    m = make("sad_ce", bn_views="split")
+    m.train()
+    bns = [b for b in m.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    z, _ = m(x, y, idx)
+    # Running stats equal those of a plain forward on the upright batch alone.
+    ref = make("sad_ce")
+    ref.train()
+    ref.backbone(x)
+    refs = [b for b in ref.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    for a, b in zip(bns, refs):
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+        assert torch.allclose(a.running_var, b.running_var, atol=1e-5)
+        assert int(a.num_batches_tracked) == 1 and a.track_running_stats
+    # The identity view's logits are those of the upright batch alone (own batch statistics);
+    # with shared BN they are not.
+    assert torch.allclose(z, ref.backbone(x), atol=1e-5)
+    shared = make("sad_ce")
+    shared.train()
+    z_shared, _ = shared(x, y, idx)
+    assert not torch.allclose(z_shared, z, atol=1e-3)

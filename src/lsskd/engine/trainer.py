@@ -450,6 +450,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             train_stats = self._reduce_accum()
+            schedule = self.method.schedule_stats()  # the values this epoch trained with
             self.method.on_epoch_end(train_stats)
             self.train_seconds += time.time() - t0
             if t["bn_recalibrate"]:
@@ -459,6 +460,7 @@ class Trainer:
                                  t["channels_last"], self.autocast)
             row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"train_{k}": v for k, v in train_stats.items()},
+                   **{f"method_{k}": v for k, v in schedule.items()},
                    **{f"{cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()},
                    "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
                    "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0),

@@ -70,6 +70,10 @@ class Method(nn.Module):
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
         """Sees the epoch's mean training stats (e.g. train accuracy)."""
 
+    def schedule_stats(self) -> Dict[str, float]:
+        """Schedule values of the current epoch worth logging (e.g. ``alpha``), as floats."""
+        return {}
+
     def sample_extra(self, idx: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> Optional[torch.Tensor]:
         """Optional extra sample indices to load with the batch (e.g. CS-KD pairs)."""
         return None

@@ -25,6 +25,18 @@ Robustness options (issue 9; all off in the ``paper`` profile):
   ``normalize_aux``: average (not sum) the hier/KL/feat terms over branches.
   ``branch_grad``: scale of the gradient the branches send into the backbone
   (1 = paper; 0 = branches learn on detached stage features).
+  ``gate``: ``none`` (paper) | ``fit``: self-distillation switches itself on as the
+  model starts to fit its training data. With f = previous epoch's training top-1
+  (0 in epoch 1) and g = clip((f - gate_floor) / (1 - gate_floor), 0, 1), every
+  alpha_t is multiplied by g and the gradient the branches send into the backbone
+  by g. Below the floor the backbone trains exactly like CE (the branches keep
+  learning on detached features, ready for when the gate opens). Regularisers pay
+  off only once a model fits its data (docs/robust.md).
+  ``bn_views``: ``shared`` (paper: batch norm sees all views as one batch) |
+  ``split``: the backbone runs the identity view and the transformed views as two
+  batches; batch norm normalises each with its own statistics and only the identity
+  view updates the running statistics, which then describe upright inputs as used at
+  test time.
 
 Scale options (issue 5; docs/scale.md):
   ``store``: ``auto`` | ``dense`` | ``topk`` soft-target store layout (methods/store.py);
@@ -90,6 +102,25 @@ class Branch(nn.Module):
         return h, self.head(h)
 
 
+class frozen_bn_stats:
+    """Within the block, batch-norm layers in training mode normalise with the batch's
+    statistics but leave their running statistics (and batch counters) untouched."""
+
+    def __init__(self, module: nn.Module):
+        self.bns = [m for m in module.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def __enter__(self):
+        for m in self.bns:
+            m.track_running_stats = False
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.bns:
+            m.track_running_stats = True
+        return False
+
+
 def kl_div(student_logits, teacher_logits, tau: float) -> torch.Tensor:
     """tau^2 * KL(softmax(t/tau) || softmax(s/tau)), mean over rows; teacher detached."""
     t = F.softmax(teacher_logits.detach().float() / tau, dim=-1)
@@ -121,6 +152,9 @@ class LSSKD(Method):
         "store_budget_gb": 0.0,  # auto: largest layout that fits (0 = no budget: dense)
         "store_on_host": False,  # keep the store in CPU memory when training on a GPU
         "views_per_step": 0,  # views per step incl. identity (0 = all M)
+        "gate": "none",  # none | fit: alpha and branch gradients scaled by how well the model fits
+        "gate_floor": 0.5,  # training top-1 (fraction) below which gate=fit keeps the backbone at CE
+        "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
     }
 
     def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
@@ -139,6 +173,15 @@ class LSSKD(Method):
             from ..config import ConfigError
 
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
+        for key, allowed in (("gate", ("none", "fit")), ("bn_views", ("shared", "split"))):
+            if c[key] not in allowed:
+                from ..config import ConfigError
+
+                raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
+        if not 0.0 <= c["gate_floor"] < 1.0:
+            from ..config import ConfigError
+
+            raise ConfigError(f"method.gate_floor must be in [0, 1), got {c['gate_floor']}")
         views = c["views"]
         if views == "auto":
             views = AUTO_VIEWS.get(context.get("modality", "image"), "rotation")
@@ -175,11 +218,24 @@ class LSSKD(Method):
         a = self.cfg["alpha_T"] * self.epoch / max(1, self.total_epochs)
         if self.cfg["alpha_mode"] == "fit":
             a *= float(self.fit_acc)
-        return a
+        return a * self.gate()
+
+    def gate(self) -> float:
+        """g in [0, 1] (1 with gate=none): how far self-distillation acts on the backbone."""
+        if self.cfg["gate"] == "none":
+            return 1.0
+        floor = self.cfg["gate_floor"]
+        return min(1.0, max(0.0, (float(self.fit_acc) - floor) / (1.0 - floor)))
 
     def aux_scale(self) -> float:
         r = self.cfg["aux_rampup_epochs"]
         return 1.0 if r <= 0 else min(1.0, self.epoch / r)
+
+    def schedule_stats(self) -> Dict[str, float]:
+        out = {"alpha": self.alpha()}
+        if self.cfg["gate"] != "none":
+            out["gate"] = self.gate()
+        return out
 
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
         # Training top-1 of the finished epoch drives alpha_mode=fit next epoch.
@@ -215,10 +271,21 @@ class LSSKD(Method):
         xv = self.views(x)
         if views is not None:
             xv = xv.view(self.num_views, B, *x.shape[1:])[views].flatten(0, 1)
-        feats, h, logits = self.backbone.forward_features(xv)
-        g = self.cfg["branch_grad"]
+        feats, h, logits = self._backbone_views(xv, B)
+        g = self.cfg["branch_grad"] * (self.gate() if self.training else 1.0)
         outs = [br(scale_grad(feats[l], g)) for l, br in enumerate(self.aux)]
         return logits[:B], h, outs
+
+    def _backbone_views(self, xv: torch.Tensor, B: int):
+        """The backbone over the stacked views, as one batch (bn_views=shared) or as the
+        identity view then the others with running statistics frozen (bn_views=split)."""
+        if self.cfg["bn_views"] == "shared" or xv.shape[0] == B or not self.training:
+            return self.backbone.forward_features(xv)
+        up = self.backbone.forward_features(xv[:B])
+        with frozen_bn_stats(self.backbone):
+            rest = self.backbone.forward_features(xv[B:])
+        return ([torch.cat([a, b]) for a, b in zip(up[0], rest[0])],
+                torch.cat([up[1], rest[1]]), torch.cat([up[2], rest[2]]))
 
     def soft_target(self, hard: torch.Tensor, prev: torch.Tensor, filled: torch.Tensor,
                     alpha: float, conf: torch.Tensor | None = None) -> torch.Tensor:
