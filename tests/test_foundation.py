@@ -141,3 +141,34 @@ def test_stage_adapter_wraps_a_user_model():
     m.train()
     z, losses = m(x, torch.tensor([0, 4]), torch.tensor([0, 1]))
     assert z.shape == (2, 5) and torch.isfinite(sum(losses.values()))
+
+
+def test_closed_lsskd_gate_trains_the_backbone_exactly_like_ce(tmp_path, cifar_bundle, capsys):
+    """gate=fit below its floor + bn_views=split: the deployed backbone is CE's (issue 9)."""
+    import dataclasses
+
+    from lsskd.data.base import ArrayDataset
+
+    t = cifar_bundle.test
+    cifar_bundle = dataclasses.replace(cifar_bundle, test=ArrayDataset(t.x[:512], t.y[:512], t.classes, "test"))
+    ce = Trainer(_small_cfg(tmp_path / "ce", "ce"), bundle=cifar_bundle)
+    a = ce.fit()
+    gated = Trainer(_small_cfg(tmp_path / "gated", "lsskd", **{
+        "method.gate": "fit", "method.gate_floor": 0.99, "method.bn_views": "split",
+        "method.views_per_step": 2}), bundle=cifar_bundle)
+    b = gated.fit()
+    assert b["gate_max"] == 0.0 and "gate never opened" in capsys.readouterr().out
+    assert b["test_top1"] == pytest.approx(a["test_top1"], abs=0.02)
+    sa, sb = ce.method.backbone.state_dict(), gated.method.backbone.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-4), k
+    # An open gate (floor 0) changes the backbone's training.
+    opened = Trainer(_small_cfg(tmp_path / "open", "lsskd", **{
+        "method.gate": "fit", "method.gate_floor": 0.0, "method.bn_views": "split",
+        "method.views_per_step": 2}), bundle=cifar_bundle)
+    c = opened.fit()
+    rows = [json.loads(l) for l in (tmp_path / "open" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["method_gate"] == 0.0 and rows[1]["method_gate"] == pytest.approx(rows[0]["train_top1"] / 100)
+    assert c["gate_max"] > 0
+    sc = opened.method.backbone.state_dict()
+    assert max(float((sa[k].float() - sc[k].float()).abs().max()) for k in sa) > 1e-3

@@ -622,6 +622,13 @@ class Trainer:
         branches = sorted(k for k in last_eval if k.startswith("branch") and k.endswith("_top1"))
         if branches:
             summary["branch_top1"] = [last_eval[k] for k in branches]
+        gates = [row["method_gate"] for row in map(json.loads, self._metric_lines()) if "method_gate" in row]
+        if gates:
+            summary["gate_max"] = max(gates)
+            if max(gates) == 0.0:
+                print(f"note: the {cfg['method']['name']} gate never opened (training top-1 stayed below "
+                      f"method.gate_floor={cfg['method'].get('gate_floor')}), so the backbone trained as with "
+                      "plain cross-entropy; method=ce gives the same model at a fraction of the cost", flush=True)
         return summary
 
 
