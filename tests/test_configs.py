@@ -327,7 +327,7 @@ def test_config_builds_method_and_model(path, tmp_path_factory):
     info = _BUILT[key]
     assert info["is_staged"] and info["classes"] == spec[0], path
     assert info["train_params"] >= info["params"] > 0
-    if cfg["method"]["name"] in ("lsskd", "sad_ce", "byot"):
+    if cfg["method"]["name"] in ("lsskd", "lsskd_robust", "sad_ce", "byot"):
         if cfg["method"].get("branches", True):
             assert info["train_params"] > info["params"], f"{path}: no auxiliary branches built"
     if CPU_PAPER in path.parents:

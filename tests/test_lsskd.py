@@ -289,3 +289,10 @@ def test_bn_views_split_keeps_running_stats_of_the_identity_view():
     shared.train()
     z_shared, _ = shared(x, y, idx)
     assert not torch.allclose(z_shared, z, atol=1e-3)
+
+
+def test_robust_profile_is_the_paper_method_plus_gate_split_bn_and_normalised_aux():
+    paper, robust = make("lsskd"), make("lsskd_robust")
+    diff = {k for k in paper.cfg if paper.cfg[k] != robust.cfg[k]}
+    assert diff == {"gate", "bn_views", "normalize_aux"}
+    assert (robust.cfg["gate"], robust.cfg["bn_views"], robust.cfg["normalize_aux"]) == ("fit", "split", True)

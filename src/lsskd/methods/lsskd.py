@@ -405,3 +405,13 @@ SADCE = register_method("sad_ce")(_variant(
     stage learn the joint (class x rotation) labels with hard targets; the final head with CE.
     L = CE(z, y) + beta sum_l CE(s_l, onehot(y M + k)). No softening, no KL, no feature loss.""",
     branches=True, alpha_T=0.0, kl_weight=0.0, gamma=0.0))
+
+LSSKDRobust = register_method("lsskd_robust")(_variant(
+    "LSSKDRobust",
+    """LSSKD's robust profile for small models and short budgets (issue 9, docs/robust.md):
+    the paper's method with ``gate=fit`` (self-distillation reaches the backbone only once
+    its training top-1 passes ``gate_floor``; below it the backbone trains exactly as with
+    CE), ``bn_views=split`` (running batch-norm statistics from upright images) and
+    ``normalize_aux`` (auxiliary terms averaged over branches). Every other value is the
+    paper's; the ``lsskd`` method keeps the paper profile for reproduction.""",
+    gate="fit", bn_views="split", normalize_aux=True))
