@@ -333,3 +333,29 @@ def test_out_of_memory_becomes_resource_error_with_advice(tiny, tmp_path, monkey
     assert "training step 1 of epoch 1" in msg and "train.batch_size (now 16)" in msg
     assert "method.store_dtype=float16" in msg and "Tried to allocate 2.00 GiB" in msg
     assert os.path.isdir(tmp_path / "r")
+
+
+def test_resume_does_not_repeat_tensorboard_events(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(run, "ce", "train.tensorboard=true", "train.epochs=3")
+    tr = Trainer(cfg, bundle=tiny)
+    orig_save = tr.save
+
+    def save(epoch, step):  # a crash after epoch 2 was logged, before its checkpoint landed
+        if (epoch, step) == (2, 0):
+            raise Interrupt
+        return orig_save(epoch, step)
+
+    tr.save = save
+    with pytest.raises(Interrupt):
+        tr.fit()
+    tr2 = Trainer(cfg, resume=True, bundle=tiny)
+    assert (tr2.start_epoch, tr2.start_step) == (1, 2)  # epoch 2 is replayed
+    tr2.fit()
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("test/top1")]
+    assert steps == [1, 2, 3]

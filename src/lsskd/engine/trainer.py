@@ -415,7 +415,9 @@ class Trainer:
                 atomic_write_text(self.run_dir / "metrics.jsonl", "")
             else:
                 self._truncate_metrics(self.start_epoch)
-            self.writer = _tensorboard(self.run_dir / "tb") if t["tensorboard"] else None
+            # On resume, drop events of epochs the checkpoint had not finished (they are replayed).
+            self.writer = (_tensorboard(self.run_dir / "tb", self.start_epoch + 1 if self.resume else None)
+                           if t["tensorboard"] else None)
         epochs = t["epochs"]
         steps = len(self.iterator)
         if t["max_steps_per_epoch"]:
@@ -640,9 +642,9 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _tensorboard(path: Path):
+def _tensorboard(path: Path, purge_step: Optional[int] = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is an optional extra
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
