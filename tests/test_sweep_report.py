@@ -289,3 +289,28 @@ def test_sweep_real_skip_and_resume(cifar_bundle, cifar_root, tmp_path, monkeypa
     (g,) = rep.groups
     tops = [json.loads((d / "summary.json").read_text())["test_top1"] for d in (s0, s1)]
     assert g.stats["n"] == 2 and g.stats["top1"][0] == pytest.approx(sum(tops) / 2, abs=1e-12)
+
+
+def test_report_groups_seeds_written_before_a_config_key_existed(tmp_path):
+    root = tmp_path / "results"
+    for s in range(2):
+        make_run(root, "lsskd", "lsskd", s, 70.0 + s, 90.0, 71.0, 2)
+    # seed 0 was written by an older version: its config lacks a key added later
+    path = root / "lsskd" / "seed0" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["train"]["bn_recalibrate"]
+    path.write_text(yaml.safe_dump(cfg))
+    # seed 1 names a method key at its default value
+    path = root / "lsskd" / "seed1" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["method"]["gate"] = "none"
+    path.write_text(yaml.safe_dump(cfg))
+    # a third run really differs in one of them
+    d = make_run(root, "lsskd_gate", "lsskd", 0, 60.0, 80.0, 61.0, 2)
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["method"]["gate"] = "fit"
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rep = build_report([root], tmp_path / "rep")
+    assert sorted(len(g.runs) for g in rep.groups) == [1, 2]
+    labels = sorted(g.label for g in rep.groups)
+    assert labels == ["lsskd (gate=fit)", "lsskd (gate=none)"]

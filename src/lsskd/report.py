@@ -155,9 +155,25 @@ def _freeze(v: Any) -> str:
     return json.dumps(v, sort_keys=True, default=str)
 
 
+def _current_defaults(method: Any) -> Dict[str, Any]:
+    """This version's default value of every config key (method keys for ``method``)."""
+    from .config import DEFAULTS
+    from .registry import METHODS
+
+    out = flatten(DEFAULTS)
+    if isinstance(method, str) and method in METHODS:
+        out.update({f"method.{k}": v for k, v in flatten(METHODS.get(method).defaults).items()})
+    return out
+
+
 def _identity(run: Run) -> Dict[str, Any]:
+    """The settings that define a run's experiment. A key equal to this version's default is
+    left out, so that runs written before the key existed (which lack it) group with runs
+    that carry its default."""
     if run.config:
-        return {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
+        defaults = _current_defaults(run.config.get("method.name"))
+        return {k: v for k, v in run.config.items()
+                if k not in IGNORED_KEYS and not (k in defaults and _freeze(defaults[k]) == _freeze(v))}
     s = run.summary
     return {"method.name": s.get("method"), "model.name": s.get("model"),
             "data.name": s.get("dataset"), "train.epochs": s.get("epochs")}
@@ -223,7 +239,8 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
     multi_epochs = len({g.first.summary.get("epochs") for g in groups}) > 1
     for g in groups:
         ident = _identity(g.first)
-        parts = [f"{short[k]}={_fmt_setting(ident[k])}" for k in varying + method_keys if k in ident]
+        full = {**_current_defaults(g.first.config.get("method.name")), **g.first.config}
+        parts = [f"{short[k]}={_fmt_setting(full[k])}" for k in varying + method_keys if k in full]
         g.settings = " ".join(parts)
         head = [str(g.first.summary.get("method", ident.get("method.name", "?")))]
         if multi_model:
