@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, stack_stages
 
 
 class BasicBlock(nn.Module):
@@ -42,14 +42,8 @@ class CifarResNet(StagedBackbone):
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths[1:]):
-            blocks = []
-            for b in range(n):
-                blocks.append(BasicBlock(cin, w, (1 if i == 0 else 2) if b == 0 else 1))
-                cin = w
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+        plan = [(w, n, 1 if i == 0 else 2) for i, w in enumerate(widths[1:])]
+        self.stages, cin = stack_stages(widths[0], plan, BasicBlock)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
         self._finish((in_channels, 32, 32))

@@ -17,7 +17,7 @@ from typing import Sequence
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, stack_stages
 
 
 class BasicBlock1d(nn.Module):
@@ -76,14 +76,8 @@ class ResNet1d(StagedBackbone):
             nn.BatchNorm1d(stem_width),
             nn.ReLU(inplace=True),
         )
-        stages, cin = [], stem_width
-        for i, (w, n) in enumerate(zip(widths, blocks)):
-            layers = []
-            for b in range(n):
-                layers.append(BasicBlock1d(cin, w, (1 if i == 0 else 2) if b == 0 else 1, kernel_size))
-                cin = w
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
+        plan = [(w, n, 1 if i == 0 else 2) for i, (w, n) in enumerate(zip(widths, blocks))]
+        self.stages, cin = stack_stages(stem_width, plan, lambda c, w, s: BasicBlock1d(c, w, s, kernel_size))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
         self._finish((in_channels, 128))

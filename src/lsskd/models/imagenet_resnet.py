@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, stack_stages
 
 
 class Basic(nn.Module):
@@ -85,14 +85,8 @@ class ResNet(StagedBackbone):
                 nn.MaxPool2d(3, 2, 1),
             )
             probe = (in_channels, 224, 224)
-        stages, cin = [], 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), num_blocks)):
-            blocks = []
-            for b in range(n):
-                blocks.append(block(cin, planes, (1 if i == 0 else 2) if b == 0 else 1))
-                cin = planes * block.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+        plan = [(p, n, 1 if i == 0 else 2) for i, (p, n) in enumerate(zip((64, 128, 256, 512), num_blocks))]
+        self.stages, cin = stack_stages(64, plan, block, block.expansion)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
         self._finish(probe)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, stack_stages
 
 
 class ResNeXtBlock(nn.Module):
@@ -43,20 +43,15 @@ class ResNeXt29(StagedBackbone):
                  in_channels: int = 3):
         super().__init__()
         self._cardinality = cardinality
-        self._group_widths = []
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
         )
-        stages, cin = [], 64
-        for i, cout in enumerate((256, 512, 1024)):
-            gw = cardinality * base_width * 2 ** i
-            self._group_widths.append(gw)
-            blocks = []
-            for b in range(3):
-                blocks.append(ResNeXtBlock(cin, cout, gw, cardinality, (1 if i == 0 else 2) if b == 0 else 1))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+        outs = (256, 512, 1024)
+        self._group_widths = [cardinality * base_width * 2 ** i for i in range(len(outs))]
+        group_width = dict(zip(outs, self._group_widths))
+        plan = [(cout, 3, 1 if i == 0 else 2) for i, cout in enumerate(outs)]
+        self.stages, cin = stack_stages(
+            64, plan, lambda c, w, s: ResNeXtBlock(c, w, group_width[w], cardinality, s))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
         self._finish((in_channels, 32, 32))

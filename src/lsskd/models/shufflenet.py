@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, stack_stages
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -64,14 +64,8 @@ class ShuffleNetV1(StagedBackbone):
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True)
         )
-        stages, cin = [], 24
-        for w, n in zip(widths, units):
-            blocks = []
-            for b in range(n):
-                blocks.append(ShuffleV1Unit(cin, w, 2 if b == 0 else 1, groups))
-                cin = w
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+        plan = [(w, n, 2) for w, n in zip(widths, units)]
+        self.stages, cin = stack_stages(24, plan, lambda c, w, s: ShuffleV1Unit(c, w, s, groups))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
         self._finish((in_channels, 32, 32))

@@ -8,7 +8,7 @@ deployed model is exactly the backbone.
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -196,3 +196,19 @@ class StagedAdapter(StagedBackbone):
         if self._extra is not None:
             return self.fresh_copy(self._extra)
         return super().extra_block()
+
+
+def stack_stages(cin: int, plan: Sequence[Tuple[int, int, int]],
+                 make_block: Callable[[int, int, int], nn.Module], expansion: int = 1) -> Tuple[nn.ModuleList, int]:
+    """Stages as an ``nn.ModuleList`` of ``nn.Sequential`` blocks. ``plan`` gives one
+    (width, blocks, stride) per stage; the stage's first block takes the stride, the others
+    stride 1. ``make_block(cin, width, stride)`` builds one block, whose output has
+    ``width * expansion`` channels. Returns (stages, output channels of the last stage)."""
+    stages = []
+    for width, n, stride in plan:
+        blocks = []
+        for b in range(n):
+            blocks.append(make_block(cin, width, stride if b == 0 else 1))
+            cin = width * expansion
+        stages.append(nn.Sequential(*blocks))
+    return nn.ModuleList(stages), cin

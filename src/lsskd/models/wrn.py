@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, stack_stages
 
 
 class WideBlock(nn.Module):
@@ -49,14 +49,8 @@ class WideResNet(StagedBackbone):
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths[1:]):
-            blocks = []
-            for b in range(n):
-                blocks.append(WideBlock(cin, w, (1 if i == 0 else 2) if b == 0 else 1, drop_rate))
-                cin = w
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+        plan = [(w, n, 1 if i == 0 else 2) for i, w in enumerate(widths[1:])]
+        self.stages, cin = stack_stages(widths[0], plan, lambda c, w, s: WideBlock(c, w, s, drop_rate))
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(cin, num_classes)
         self._drop_rate = drop_rate
