@@ -314,3 +314,17 @@ def test_report_groups_seeds_written_before_a_config_key_existed(tmp_path):
     assert sorted(len(g.runs) for g in rep.groups) == [1, 2]
     labels = sorted(g.label for g in rep.groups)
     assert labels == ["lsskd (gate=fit)", "lsskd (gate=none)"]
+
+
+def test_in_process_runs_do_not_leak_torch_settings():
+    import torch
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    rng = torch.get_rng_state()
+    with sw.torch_globals_restored():
+        torch.set_num_threads(1 if threads > 1 else 2)
+        torch.use_deterministic_algorithms(not det, warn_only=True)
+        torch.rand(3)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == det
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -335,6 +335,31 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:300]
 
 
+class torch_globals_restored:
+    """Process-wide torch settings a run may change (threads, deterministic algorithms,
+    matmul precision, cuDNN flags, the global RNG), restored on exit so that one in-process
+    sweep run does not leak its settings into the next."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_float32_matmul_precision(),
+                      torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_rng_state())
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        threads, det, warn_only, precision, bench, cudnn_det, rng = self.saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, cudnn_det
+        torch.set_rng_state(rng)
+        return False
+
+
 def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
     """Train/resume one run with the same code as ``lsskd train``.
 
@@ -359,12 +384,13 @@ def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
         bundle = build_data(cfg["data"])
         bundles.clear()  # keep one dataset in memory at a time
         bundles[key] = bundle
-    trainer = Trainer(cfg, resume=res.action == "resume", bundle=bundle)
-    try:
-        summary = trainer.fit()
-    finally:
-        if trainer.writer is not None:
-            trainer.writer.close()
+    with torch_globals_restored():
+        trainer = Trainer(cfg, resume=res.action == "resume", bundle=bundle)
+        try:
+            summary = trainer.fit()
+        finally:
+            if trainer.writer is not None:
+                trainer.writer.close()
     res.top1 = summary.get("test_top1")
 
 
