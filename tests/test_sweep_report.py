@@ -313,7 +313,7 @@ def test_report_groups_seeds_written_before_a_config_key_existed(tmp_path):
     rep = build_report([root], tmp_path / "rep")
     assert sorted(len(g.runs) for g in rep.groups) == [1, 2]
     labels = sorted(g.label for g in rep.groups)
-    assert labels == ["lsskd (gate=fit)", "lsskd (gate=none)"]
+    assert labels == ["lsskd", "lsskd (gate=fit)"]  # a default is not named
 
 
 def test_in_process_runs_do_not_leak_torch_settings():

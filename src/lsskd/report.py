@@ -240,7 +240,10 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
     for g in groups:
         ident = _identity(g.first)
         full = {**_current_defaults(g.first.config.get("method.name")), **g.first.config}
-        parts = [f"{short[k]}={_fmt_setting(full[k])}" for k in varying + method_keys if k in full]
+        # A setting at its default is named only for data keys (e.g. train_fraction=1 beside
+        # 0.25 and 0.5); elsewhere only the groups that change it name it.
+        parts = [f"{short[k]}={_fmt_setting(full[k])}" for k in varying + method_keys
+                 if k in ident or (k in full and k.startswith("data."))]
         g.settings = " ".join(parts)
         head = [str(g.first.summary.get("method", ident.get("method.name", "?")))]
         if multi_model:
