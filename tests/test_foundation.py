@@ -160,8 +160,12 @@ def test_closed_lsskd_gate_trains_the_backbone_exactly_like_ce(tmp_path, cifar_b
     assert b["gate_max"] == 0.0 and "gate never opened" in capsys.readouterr().out
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=0.02)
     sa, sb = ce.method.backbone.state_dict(), gated.method.backbone.state_dict()
-    for k in sa:
-        assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-4), k
+
+    def max_diff(a, b):
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+    closed = max_diff(sa, sb)
+    assert closed < 1e-4
     # An open gate (floor 0) changes the backbone's training.
     opened = Trainer(_small_cfg(tmp_path / "open", "lsskd", **{
         "method.gate": "fit", "method.gate_floor": 0.0, "method.bn_views": "split",
@@ -171,4 +175,5 @@ def test_closed_lsskd_gate_trains_the_backbone_exactly_like_ce(tmp_path, cifar_b
     assert rows[0]["method_gate"] == 0.0 and rows[1]["method_gate"] == pytest.approx(rows[0]["train_top1"] / 100)
     assert c["gate_max"] > 0
     sc = opened.method.backbone.state_dict()
-    assert max(float((sa[k].float() - sc[k].float()).abs().max()) for k in sa) > 1e-3
+    # g is small here (epoch 1's training top-1), but the effect is far above rounding.
+    assert max_diff(sa, sc) > max(100 * closed, 1e-5)
