@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Rebuild the tables and plots under results/ from the run directories of the
+# experiments (the training commands are in each results/*/README.md).
+# Copies config/metrics/summary of every finished run, then runs `lsskd report`.
+#   scripts/make_results.sh
+set -euo pipefail
+collect() { if [ -d "$1" ]; then scripts/collect_runs.sh "$1" "$2"; fi; }
+collect runs/t3 results/cpu-scale/table3
+lsskd report results/cpu-scale/table3 --out results/cpu-scale/table3
+# Fig. 5: the 25%/50% runs plus the 100% runs of the table above
+collect runs/fig5 results/cpu-scale/fig5
+if [ -d results/cpu-scale/fig5 ]; then
+  lsskd report results/cpu-scale/fig5 results/cpu-scale/table3/c100_resnet8_ce \
+      results/cpu-scale/table3/c100_resnet8_lsskd --out results/cpu-scale/fig5
+fi
+lsskd report results/cpu-scale/val --out results/cpu-scale/val
+collect runs/store results/store
+if [ -d results/store ]; then
+  lsskd report results/store results/cpu-scale/table3/c100_resnet8_pskd --out results/store
+fi
+collect runs/digits results/digits
+if [ -d results/digits ]; then
+  lsskd report results/digits results/store/digits_lsskd_dense --out results/digits
+fi
+collect runs/hapt results/hapt
+lsskd report results/hapt --out results/hapt/report
