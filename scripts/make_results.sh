@@ -7,11 +7,11 @@ set -euo pipefail
 collect() { if [ -d "$1" ]; then scripts/collect_runs.sh "$1" "$2"; fi; }
 collect runs/t3 results/cpu-scale/table3
 lsskd report results/cpu-scale/table3 --out results/cpu-scale/table3
-# Fig. 5: the 25%/50% runs plus the 100% runs of the table above
+# Fig. 5: the 25%/50% runs plus the seed-0 100% runs of the table above
 collect runs/fig5 results/cpu-scale/fig5
 if [ -d results/cpu-scale/fig5 ]; then
-  lsskd report results/cpu-scale/fig5 results/cpu-scale/table3/c100_resnet8_ce \
-      results/cpu-scale/table3/c100_resnet8_lsskd --out results/cpu-scale/fig5
+  lsskd report results/cpu-scale/fig5 results/cpu-scale/table3/c100_resnet8_ce/seed0 \
+      results/cpu-scale/table3/c100_resnet8_lsskd/seed0 --out results/cpu-scale/fig5
 fi
 lsskd report results/cpu-scale/val --out results/cpu-scale/val
 collect runs/store results/store
