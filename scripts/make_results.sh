@@ -13,6 +13,11 @@ if [ -d results/cpu-scale/fig5 ]; then
   lsskd report results/cpu-scale/fig5 results/cpu-scale/table3/c100_resnet8_ce/seed0 \
       results/cpu-scale/table3/c100_resnet8_lsskd/seed0 --out results/cpu-scale/fig5
 fi
+# budget cell (issue 9): 25% of the subset, 60 epochs
+collect runs/budget results/cpu-scale/budget
+if [ -d results/cpu-scale/budget ]; then
+  lsskd report results/cpu-scale/budget --out results/cpu-scale/budget
+fi
 lsskd report results/cpu-scale/val --out results/cpu-scale/val
 collect runs/store results/store
 if [ -d results/store ]; then
