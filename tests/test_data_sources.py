@@ -522,6 +522,42 @@ def test_stratified_subsets_on_cifar(cifar_bundle):
         stratified_split(y, 1.0)
 
 
+def test_class_subset_on_cifar(cifar_bundle):
+    from lsskd.data.base import resolve_classes
+
+    names = cifar_bundle.classes
+    assert resolve_classes(3, names) == [0, 1, 2]
+    assert resolve_classes(["worm", "apple"], names) == [99, 0]
+    sub = cifar_bundle.train.select_classes([99, 0])
+    assert sub.classes == ["worm", "apple"] and len(sub) == 200
+    # relabelled in the order given; every sample is one of the original class's images
+    assert torch.bincount(sub.y).tolist() == [100, 100]
+    assert torch.equal(cifar_bundle.train.y[sub.source_index], torch.where(sub.y == 0, 99, 0))
+    assert torch.equal(sub.x[sub.y == 1], cifar_bundle.train.x[cifar_bundle.train.y == 0])
+    for bad, match in ((0, "data.classes=0"), (101, "has 100 classes"), (["wrm"], "unknown classes \\['wrm'\\]"),
+                       (["apple", "apple"], "more than once"), ("apple", "number of classes or a list"),
+                       (True, "number of classes or a list")):
+        with pytest.raises(DataError, match=match):
+            resolve_classes(bad, names)
+
+
+def test_build_data_class_subset_applies_before_fraction_and_split():
+    cfg = copy.deepcopy(DEFAULTS["data"])
+    cfg.update(name="digits", classes=["7", "1", "3"], train_fraction=0.5, val_fraction=0.2)
+    b = build_data(cfg)
+    assert b.classes == ["7", "1", "3"]
+    full = build_data(dict(copy.deepcopy(DEFAULTS["data"]), name="digits"))
+    # test set: every test image of those digits, relabelled 7->0, 1->1, 3->2
+    for new, old in enumerate((7, 1, 3)):
+        assert int((b.test.y == new).sum()) == int((full.test.y == old).sum()) > 0
+    n_kept = {c: int((full.train.y == old).sum()) for c, old in enumerate((7, 1, 3))}
+    for c in range(3):
+        half = round(0.5 * n_kept[c])
+        assert int((b.val.y == c).sum()) == round(0.2 * half)
+        assert int((b.train.y == c).sum()) + int((b.val.y == c).sum()) == half
+    assert set(b.train.source_index.tolist()).isdisjoint(b.val.source_index.tolist())
+
+
 def test_channel_stats_matches_direct_computation():
     from lsskd.data.base import channel_stats
 

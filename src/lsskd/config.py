@@ -27,6 +27,7 @@ DEFAULTS: Dict[str, Any] = {
         "name": "folder",  # folder | cifar10 | cifar100 | tiny_imagenet | digits | hapt ...
         "root": "",
         "download": False,
+        "classes": [],  # keep only these classes (names, or N = the first N; [] = all)
         "train_fraction": 1.0,  # stratified subset of the training set (paper Fig. 5)
         "per_class": 0,  # exact images per class instead of a fraction (0 = off)
         "val_fraction": 0.0,  # stratified held-out split of the training data (0 = none)
@@ -82,7 +83,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 # Keys whose value is a free-form mapping (not validated key by key).
-FREE_KEYS = {"model.kwargs"}
+FREE_KEYS = {"model.kwargs", "data.classes"}  # data.classes: int N or a list of names
 
 
 def _merge(base: Dict, update: Dict, prefix: str, strict: bool) -> Dict:

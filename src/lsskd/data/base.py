@@ -52,6 +52,16 @@ class ArrayDataset:
             self.x[idx], self.y[idx], list(self.classes), name or self.name, self.source_index[idx]
         )
 
+    def select_classes(self, keep: Sequence[int]) -> "ArrayDataset":
+        """Only the samples of classes ``keep`` (old indices), relabelled 0..len(keep)-1
+        in the order given."""
+        remap = torch.full((len(self.classes),), -1, dtype=torch.long)
+        remap[torch.as_tensor(list(keep), dtype=torch.long)] = torch.arange(len(keep))
+        new = remap[self.y]
+        idx = torch.nonzero(new >= 0).flatten()
+        return ArrayDataset(self.x[idx], new[idx], [self.classes[k] for k in keep], self.name,
+                            self.source_index[idx])
+
 
 @dataclass
 class DataBundle:
@@ -70,6 +80,28 @@ class DataBundle:
     @property
     def input_shape(self) -> Tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+
+def resolve_classes(spec, classes: List[str]) -> List[int]:
+    """Indices of the classes named by ``data.classes``: an int N (the first N classes)
+    or a list of class names (kept in the order given). Errors name the bad value."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, list, tuple)):
+        raise DataError(f"data.classes must be a number of classes or a list of class names, got {spec!r}")
+    if isinstance(spec, int):
+        if not 1 <= spec <= len(classes):
+            raise DataError(f"data.classes={spec} but the dataset has {len(classes)} classes")
+        return list(range(spec))
+    names = [str(c) for c in spec]
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise DataError(f"data.classes names unknown classes {unknown[:5]}; the dataset has "
+                        f"{classes[:5]}{'...' if len(classes) > 5 else ''}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"data.classes lists {dup} more than once")
+    if not names:
+        raise DataError("data.classes is an empty list (leave it out to keep every class)")
+    return [classes.index(n) for n in names]
 
 
 def stratified_indices(

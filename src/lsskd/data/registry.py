@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Dict
 
 from ..registry import DATASETS
-from .base import DataBundle, DataError, channel_stats, stratified_indices, stratified_split
+from .base import DataBundle, DataError, channel_stats, resolve_classes, stratified_indices, stratified_split
 from .folder import load_class_folder
 
 CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
@@ -38,10 +38,15 @@ def folder_dataset(cfg: Dict) -> DataBundle:
 
 
 def build_data(cfg: Dict) -> DataBundle:
-    """Build the dataset named by ``data.name`` and apply, in order: the stratified
-    training fraction / per-class count, the held-out validation split, and
+    """Build the dataset named by ``data.name`` and apply, in order: the class subset
+    (``data.classes``, train and test alike), the stratified training fraction / per-class count, the held-out validation split, and
     normalisation statistics (the dataset's own unless given)."""
     bundle: DataBundle = DATASETS.build(cfg["name"], cfg)
+    if cfg.get("classes", []) != []:
+        keep = resolve_classes(cfg["classes"], bundle.train.classes)
+        bundle.train, bundle.test = bundle.train.select_classes(keep), bundle.test.select_classes(keep)
+        if bundle.val is not None:
+            bundle.val = bundle.val.select_classes(keep)
     train = bundle.train
     if cfg.get("per_class", 0) or cfg.get("train_fraction", 1.0) < 1.0:
         idx = stratified_indices(train.y, cfg.get("train_fraction", 1.0), cfg.get("per_class", 0),
