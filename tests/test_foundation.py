@@ -143,6 +143,25 @@ def test_stage_adapter_wraps_a_user_model():
     assert z.shape == (2, 5) and torch.isfinite(sum(losses.values()))
 
 
+def test_gap_gate_reads_the_held_out_split_every_epoch(tmp_path):
+    """gate=gap: the trainer scores the held-out split after every epoch (never the test
+    set) and the next epoch's gate follows g_fit * clip((f - v - gap_floor) / gap_width)."""
+    cfg = _small_cfg(tmp_path, "lsskd_robust", **{
+        "data.name": "digits", "data.image_size": 16, "data.val_fraction": 0.2, "data.augment.flip": "false",
+        "train.epochs": 3, "train.max_steps_per_epoch": 10, "method.gate_floor": 0.0,
+        "method.gap_floor": -0.5, "method.gap_width": 1.0})
+    tr = Trainer(cfg)
+    assert tr.method.gate_mode == "gap" and len(tr.bundle.val) == 287
+    tr.fit()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["method_gate"] == 0.0 and all("val_top1" in r and "test_top1" in r for r in rows)
+    for prev, row in zip(rows, rows[1:]):
+        f, v = prev["train_top1"] / 100, prev["val_top1"] / 100
+        assert row["method_gate"] == pytest.approx(f * min(1.0, max(0.0, f - v + 0.5)), abs=1e-6)
+    assert float(tr.method.val_acc) == pytest.approx(rows[-1]["val_top1"] / 100)
+    assert rows[-1]["method_gate"] > 0
+
+
 def test_closed_lsskd_gate_trains_the_backbone_exactly_like_ce(tmp_path, cifar_bundle, capsys):
     """gate=fit below its floor + bn_views=split: the deployed backbone is CE's (issue 9)."""
     import dataclasses

@@ -12,9 +12,9 @@ from lsskd.models import build_model
 from lsskd.registry import METHODS
 
 
-def make(name="lsskd", num_train=16, **cfg):
+def make(name="lsskd", num_train=16, has_val=False, **cfg):
     torch.manual_seed(0)
-    return METHODS.build(name, build_model("resnet8", 10), cfg, num_train=num_train)
+    return METHODS.build(name, build_model("resnet8", 10), cfg, num_train=num_train, has_val=has_val)
 
 
 def test_soft_cross_entropy_golden():
@@ -256,6 +256,34 @@ def test_gate_fit_keeps_backbone_at_ce_below_the_floor_and_opens_linearly():
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+def test_gate_gap_opens_only_when_the_model_fits_training_data_better_than_held_out_data():
+    from lsskd.config import ConfigError
+
+    m = make("lsskd", gate="gap", gate_floor=0.5, gap_floor=0.05, gap_width=0.1, has_val=True)
+    assert m.wants_val and m.gate_mode == "gap"
+    m.on_epoch_start(3, 4)
+    m.on_epoch_end({"top1": 90.0})  # fit gate (0.9 - 0.5) / 0.5 = 0.8
+    m.on_validation({"top1": 88.0, "loss": 0.4})  # gap 0.02 < floor: closed
+    assert m.gate() == 0.0 and m.alpha() == 0.0
+    m.on_validation({"top1": 75.0, "loss": 0.9})  # gap 0.15: (0.15 - 0.05) / 0.1 = 1
+    assert m.gate() == pytest.approx(0.8)
+    m.on_validation({"top1": 80.0, "loss": 0.9})  # gap 0.10: 0.5 of the way
+    assert m.gate() == pytest.approx(0.8 * 0.5)
+    assert m.alpha() == pytest.approx(0.8 * 3 / 4 * 0.4)
+    m.on_epoch_end({"top1": 45.0})  # below the fit floor: closed whatever the gap
+    m.on_validation({"top1": 10.0, "loss": 3.0})
+    assert m.gate() == 0.0
+    # The gap state is a buffer: it travels with checkpoints (exact resume).
+    assert float(m.state_dict()["val_acc"]) == pytest.approx(0.10)
+    # auto: gap with a held-out split, fit without one; gap without a split is an error.
+    assert make("lsskd", gate="auto", has_val=True).gate_mode == "gap"
+    assert make("lsskd", gate="auto").gate_mode == "fit" and not make("lsskd", gate="auto").wants_val
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        make("lsskd", gate="gap")
+    with pytest.raises(ConfigError, match="gap_width"):
+        make("lsskd", gate="gap", gap_width=0.0, has_val=True)
+
+
 def test_gate_rejects_bad_values():
     from lsskd.config import ConfigError
 
@@ -295,4 +323,4 @@ def test_robust_profile_is_the_paper_method_plus_gate_split_bn_and_normalised_au
     paper, robust = make("lsskd"), make("lsskd_robust")
     diff = {k for k in paper.cfg if paper.cfg[k] != robust.cfg[k]}
     assert diff == {"gate", "bn_views", "normalize_aux"}
-    assert (robust.cfg["gate"], robust.cfg["bn_views"], robust.cfg["normalize_aux"]) == ("fit", "split", True)
+    assert (robust.cfg["gate"], robust.cfg["bn_views"], robust.cfg["normalize_aux"]) == ("auto", "split", True)

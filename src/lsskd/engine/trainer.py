@@ -142,7 +142,8 @@ def build_method(cfg: Dict, bundle: DataBundle):
     backbone = build_model(cfg["model"]["name"], len(bundle.classes), **cfg["model"].get("kwargs", {}))
     cls = METHODS.get(cfg["method"]["name"])
     return cls(backbone, cfg["method"], num_train=len(bundle.train), modality=bundle.modality,
-               input_shape=bundle.input_shape, train_labels=bundle.train.y)
+               input_shape=bundle.input_shape, train_labels=bundle.train.y,
+               has_val=bundle.val is not None)
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> Dict[int, int]:
@@ -460,10 +461,20 @@ class Trainer:
             self._where = f"evaluation after epoch {epoch0 + 1}"
             last_eval = evaluate(self.method, eval_ds, self.aug, t["eval_batch_size"], self.device,
                                  t["channels_last"], self.autocast)
+            val_extra: Dict[str, float] = {}
+            if self.method.wants_val:
+                # Methods that steer themselves by the held-out split (e.g. LSSKD's gap gate)
+                # see it after every epoch; never the test set.
+                val_eval = last_eval if eval_ds is self.bundle.val else evaluate(
+                    self.method, self.bundle.val, self.aug, t["eval_batch_size"], self.device,
+                    t["channels_last"], self.autocast)
+                self.method.on_validation(val_eval)
+                if eval_ds is not self.bundle.val:
+                    val_extra = {"val_top1": val_eval["top1"], "val_loss": val_eval["loss"]}
             row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"method_{k}": v for k, v in schedule.items()},
-                   **{f"{cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()},
+                   **{f"{cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()}, **val_extra,
                    "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
                    "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0),
                    "skipped_steps": self.skipped_steps}

@@ -70,6 +70,13 @@ class Method(nn.Module):
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
         """Sees the epoch's mean training stats (e.g. train accuracy)."""
 
+    #: True when the method needs the held-out split's scores after every epoch
+    #: (the trainer then evaluates ``data.val_fraction``'s split and calls on_validation).
+    wants_val: bool = False
+
+    def on_validation(self, val_stats: Dict[str, float]) -> None:
+        """Sees the held-out split's scores after each epoch (only if ``wants_val``)."""
+
     def schedule_stats(self) -> Dict[str, float]:
         """Schedule values of the current epoch worth logging (e.g. ``alpha``), as floats."""
         return {}

@@ -32,6 +32,12 @@ Robustness options (issue 9; all off in the ``paper`` profile):
   by g. Below the floor the backbone trains exactly like CE (the branches keep
   learning on detached features, ready for when the gate opens). Regularisers pay
   off only once a model fits its data (docs/robust.md).
+  ``gap``: the fit gate times an over-fitting gate read on the held-out split
+  (``data.val_fraction`` > 0, never the test set): with v = held-out top-1 after the
+  previous epoch, g = g_fit * clip((f - v - gap_floor) / gap_width, 0, 1). A model
+  that fits its data and generalises as well (f - v small) keeps training as CE;
+  one that fits its training data better than unseen data gets self-distillation.
+  ``auto``: ``gap`` when the run has a held-out split, ``fit`` otherwise.
   ``bn_views``: ``shared`` (paper: batch norm sees all views as one batch) |
   ``split``: the backbone runs the identity view and the transformed views as two
   batches; batch norm normalises each with its own statistics and only the identity
@@ -154,6 +160,9 @@ class LSSKD(Method):
         "views_per_step": 0,  # views per step incl. identity (0 = all M)
         "gate": "none",  # none | fit: alpha and branch gradients scaled by how well the model fits
         "gate_floor": 0.5,  # training top-1 (fraction) below which gate=fit keeps the backbone at CE
+        "gap_floor": 0.05,  # gate=gap: train-minus-held-out top-1 (fraction) below which it stays shut
+        # (a negative floor opens it even while held-out top-1 exceeds training top-1)
+        "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
     }
 
@@ -173,7 +182,7 @@ class LSSKD(Method):
             from ..config import ConfigError
 
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
-        for key, allowed in (("gate", ("none", "fit")), ("bn_views", ("shared", "split"))):
+        for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split"))):
             if c[key] not in allowed:
                 from ..config import ConfigError
 
@@ -182,6 +191,19 @@ class LSSKD(Method):
             from ..config import ConfigError
 
             raise ConfigError(f"method.gate_floor must be in [0, 1), got {c['gate_floor']}")
+        if not (-1.0 < c["gap_floor"] < 1.0 and c["gap_width"] > 0.0):
+            from ..config import ConfigError
+
+            raise ConfigError(f"method.gap_floor must be in (-1, 1) and method.gap_width > 0, got "
+                              f"{c['gap_floor']} and {c['gap_width']}")
+        has_val = bool(context.get("has_val", False))
+        self.gate_mode = c["gate"] if c["gate"] != "auto" else ("gap" if has_val else "fit")
+        if self.gate_mode == "gap" and not has_val:
+            from ..config import ConfigError
+
+            raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
+                              "(e.g. 0.1), or use method.gate=fit")
+        self.wants_val = self.gate_mode == "gap"
         views = c["views"]
         if views == "auto":
             views = AUTO_VIEWS.get(context.get("modality", "image"), "rotation")
@@ -208,6 +230,8 @@ class LSSKD(Method):
                                          c["store_budget_gb"])
         self.store = build_store(n, self.num_classes, sb, M, self.store_choice, c["store_on_host"])
         self.register_buffer("fit_acc", torch.tensor(0.0))
+        # Held-out top-1 after the previous epoch (gate=gap); 1 = "no evidence of a gap yet".
+        self.register_buffer("val_acc", torch.tensor(1.0))
         self._pending = None
 
     # --- schedule ------------------------------------------------------------
@@ -222,10 +246,13 @@ class LSSKD(Method):
 
     def gate(self) -> float:
         """g in [0, 1] (1 with gate=none): how far self-distillation acts on the backbone."""
-        if self.cfg["gate"] == "none":
+        if self.gate_mode == "none":
             return 1.0
-        floor = self.cfg["gate_floor"]
-        return min(1.0, max(0.0, (float(self.fit_acc) - floor) / (1.0 - floor)))
+        c, f = self.cfg, float(self.fit_acc)
+        g = min(1.0, max(0.0, (f - c["gate_floor"]) / (1.0 - c["gate_floor"])))
+        if self.gate_mode == "gap":
+            g *= min(1.0, max(0.0, (f - float(self.val_acc) - c["gap_floor"]) / c["gap_width"]))
+        return g
 
     def aux_scale(self) -> float:
         r = self.cfg["aux_rampup_epochs"]
@@ -233,13 +260,16 @@ class LSSKD(Method):
 
     def schedule_stats(self) -> Dict[str, float]:
         out = {"alpha": self.alpha()}
-        if self.cfg["gate"] != "none":
+        if self.gate_mode != "none":
             out["gate"] = self.gate()
         return out
 
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
         # Training top-1 of the finished epoch drives alpha_mode=fit next epoch.
         self.fit_acc.fill_(train_stats.get("top1", 0.0) / 100.0)
+
+    def on_validation(self, val_stats: Dict[str, float]) -> None:
+        self.val_acc.fill_(val_stats["top1"] / 100.0)
 
     # --- forward ---------------------------------------------------------------
     def step_views(self) -> List[int] | None:
@@ -260,8 +290,10 @@ class LSSKD(Method):
         self._view_step = int(state.get("view_step", 0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before views_per_step existed carry no view counter.
+        # Checkpoints written before views_per_step / gate=gap existed lack these entries.
         state_dict.setdefault(prefix + "_extra_state", {"view_step": 0})
+        if prefix + "fit_acc" in state_dict:
+            state_dict.setdefault(prefix + "val_acc", torch.tensor(1.0))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward_all(self, x: torch.Tensor, views: List[int] | None = None):
@@ -409,9 +441,10 @@ SADCE = register_method("sad_ce")(_variant(
 LSSKDRobust = register_method("lsskd_robust")(_variant(
     "LSSKDRobust",
     """LSSKD's robust profile for small models and short budgets (issue 9, docs/robust.md):
-    the paper's method with ``gate=fit`` (self-distillation reaches the backbone only once
-    its training top-1 passes ``gate_floor``; below it the backbone trains exactly as with
-    CE), ``bn_views=split`` (running batch-norm statistics from upright images) and
+    the paper's method with ``gate=auto`` (self-distillation reaches the backbone only once
+    its training top-1 passes ``gate_floor``, and, when the run holds out a validation split
+    (``data.val_fraction``), only while it fits its training data better than the held-out
+    data; otherwise the backbone trains exactly as with CE), ``bn_views=split`` (running batch-norm statistics from upright images) and
     ``normalize_aux`` (auxiliary terms averaged over branches). Every other value is the
     paper's; the ``lsskd`` method keeps the paper profile for reproduction.""",
-    gate="fit", bn_views="split", normalize_aux=True))
+    gate="auto", bn_views="split", normalize_aux=True))
