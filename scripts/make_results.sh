@@ -29,3 +29,10 @@ if [ -d results/digits ]; then
 fi
 collect runs/hapt results/hapt
 lsskd report results/hapt --out results/hapt/report
+# gap gate (issue 9): CE and lsskd_robust with a 10% held-out split, beside the runs without one
+for d in digits hapt; do
+  collect runs/gap/$d results/gap/$d
+  if [ -d results/gap/$d ]; then
+    lsskd report results/gap/$d results/$d/ce results/$d/lsskd_robust --out results/gap/$d
+  fi
+done
