@@ -36,3 +36,9 @@ for d in digits hapt; do
     lsskd report results/gap/$d results/$d/ce results/$d/lsskd_robust --out results/gap/$d
   fi
 done
+# an over-fitting cell (issue 9): 10 CIFAR-100 classes (1,000 training images), 60 and 120 epochs
+collect runs/explore/c10 results/overfit/c10-e60
+collect runs/explore/c10e120 results/overfit/c10-e120
+for d in c10-e60 c10-e120; do
+  if [ -d results/overfit/$d ]; then lsskd report results/overfit/$d --out results/overfit/$d; fi
+done
