@@ -328,3 +328,15 @@ def test_in_process_runs_do_not_leak_torch_settings():
     assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == det
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_report_names_a_class_subset_common_to_all_runs(tmp_path):
+    root = tmp_path / "results"
+    for name, method in (("ce", "ce"), ("pskd", "pskd")):
+        d = make_run(root, name, method, 0, 60.0, 90.0, 61.0, 2)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["data"]["classes"] = 10
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    build_report([root], tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Common to all groups: model.name=resnet8, data.root=../shared/data/cifar100, data.classes=10," in text

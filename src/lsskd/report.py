@@ -447,8 +447,8 @@ def _common_settings(groups: Sequence[Group]) -> List[str]:
     idents = [_identity(g.first) for g in groups]
     if not idents:
         return []
-    keys = ["model.name", "data.name", "data.root", "data.train_fraction", "train.epochs",
-            "train.batch_size", "optim.lr", "optim.schedule"]
+    keys = ["model.name", "data.name", "data.root", "data.classes", "data.train_fraction", "data.per_class",
+            "data.val_fraction", "train.epochs", "train.batch_size", "optim.lr", "optim.schedule"]
     out = []
     for k in keys:
         vals = {_freeze(i.get(k, "<unset>")) for i in idents}
