@@ -223,9 +223,10 @@ def test_loads_checkpoints_from_before_per_view_store_flags():
     _, losses = m(x, y, idx)
     sum(losses.values()).backward()
     m.after_step()
-    old = {k: v for k, v in m.state_dict().items() if k not in ("store.filled_views", "_extra_state")}
+    old = {k: v for k, v in m.state_dict().items() if k not in ("store.filled_views", "_extra_state", "val_acc")}
     m2 = make("lsskd", num_train=8)
     m2.load_state_dict(old)
+    assert float(m2.val_acc) == 1.0  # written before gate=gap existed
     assert torch.equal(m2.store.filled_views, m.store.filled_views)
     assert m2._view_step == 0
 

@@ -39,8 +39,9 @@ def folder_dataset(cfg: Dict) -> DataBundle:
 
 def build_data(cfg: Dict) -> DataBundle:
     """Build the dataset named by ``data.name`` and apply, in order: the class subset
-    (``data.classes``, train and test alike), the stratified training fraction / per-class count, the held-out validation split, and
-    normalisation statistics (the dataset's own unless given)."""
+    (``data.classes``, train and test alike), the stratified training fraction /
+    per-class count, the held-out validation split, and normalisation statistics
+    (the dataset's own unless given)."""
     bundle: DataBundle = DATASETS.build(cfg["name"], cfg)
     if cfg.get("classes", []) != []:
         keep = resolve_classes(cfg["classes"], bundle.train.classes)

@@ -158,7 +158,7 @@ class LSSKD(Method):
         "store_budget_gb": 0.0,  # auto: largest layout that fits (0 = no budget: dense)
         "store_on_host": False,  # keep the store in CPU memory when training on a GPU
         "views_per_step": 0,  # views per step incl. identity (0 = all M)
-        "gate": "none",  # none | fit: alpha and branch gradients scaled by how well the model fits
+        "gate": "none",  # none | fit | gap | auto: alpha and branch gradients scaled by fit (and gap)
         "gate_floor": 0.5,  # training top-1 (fraction) below which gate=fit keeps the backbone at CE
         "gap_floor": 0.05,  # gate=gap: train-minus-held-out top-1 (fraction) below which it stays shut
         # (a negative floor opens it even while held-out top-1 exceeds training top-1)
