@@ -465,12 +465,13 @@ class Trainer:
             if self.method.wants_val:
                 # Methods that steer themselves by the held-out split (e.g. LSSKD's gap gate)
                 # see it after every epoch; never the test set.
-                val_eval = last_eval if eval_ds is self.bundle.val else evaluate(
-                    self.method, self.bundle.val, self.aug, t["eval_batch_size"], self.device,
-                    t["channels_last"], self.autocast)
-                self.method.on_validation(val_eval)
-                if eval_ds is not self.bundle.val:
+                if eval_ds is self.bundle.val:
+                    val_eval = last_eval
+                else:
+                    val_eval = evaluate(self.method, self.bundle.val, self.aug, t["eval_batch_size"],
+                                        self.device, t["channels_last"], self.autocast)
                     val_extra = {"val_top1": val_eval["top1"], "val_loss": val_eval["loss"]}
+                self.method.on_validation(val_eval)
             row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"method_{k}": v for k, v in schedule.items()},

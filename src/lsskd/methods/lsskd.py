@@ -444,7 +444,8 @@ LSSKDRobust = register_method("lsskd_robust")(_variant(
     the paper's method with ``gate=auto`` (self-distillation reaches the backbone only once
     its training top-1 passes ``gate_floor``, and, when the run holds out a validation split
     (``data.val_fraction``), only while it fits its training data better than the held-out
-    data; otherwise the backbone trains exactly as with CE), ``bn_views=split`` (running batch-norm statistics from upright images) and
-    ``normalize_aux`` (auxiliary terms averaged over branches). Every other value is the
-    paper's; the ``lsskd`` method keeps the paper profile for reproduction.""",
+    data; otherwise the backbone trains exactly as with CE), ``bn_views=split`` (running
+    batch-norm statistics from upright images) and ``normalize_aux`` (auxiliary terms
+    averaged over branches). Every other value is the paper's; the ``lsskd`` method keeps
+    the paper profile for reproduction.""",
     gate="auto", bn_views="split", normalize_aux=True))
