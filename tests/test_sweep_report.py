@@ -340,3 +340,35 @@ def test_report_names_a_class_subset_common_to_all_runs(tmp_path):
     build_report([root], tmp_path / "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Common to all groups: model.name=resnet8, data.root=../shared/data/cifar100, data.classes=10," in text
+
+
+def test_report_plots_accuracy_against_the_epoch_budget(fake_runs, tmp_path):
+    from lsskd.report import compute_stats, find_runs, group_runs, points_against
+
+    root = tmp_path / "budget"
+    # ce at 3 epochs (70, 72 -> 71 ± 1.41) and 6 epochs (80); lsskd at 3 (73) and 6 (84, 86 -> 85 ± 1.41)
+    for s, t1 in enumerate([70.0, 72.0]):
+        make_run(root, "ce-e3", "ce", s, t1, 90.0, t1, 3, epochs=3)
+        make_run(root, "lsskd-e6", "lsskd", s, 84.0 + 2 * s, 95.0, 86.0, 6, epochs=6)
+    make_run(root, "ce-e6", "ce", 0, 80.0, 90.0, 80.0, 6, epochs=6)
+    make_run(root, "lsskd-e3", "lsskd", 0, 73.0, 90.0, 73.0, 3, epochs=3)
+    # a second model at 3 epochs only gets a line of its own
+    make_run(root, "ce-e3-small", "ce", 0, 50.0, 80.0, 50.0, 3, epochs=3, model="resnet14")
+    runs, _ = find_runs([root])
+    groups = group_runs(runs)
+    compute_stats(groups)
+    pts = points_against(groups, "train.epochs")
+    assert set(pts) == {"ce (model=resnet8)", "ce (model=resnet14)", "lsskd"}
+    x, m, s = zip(*pts["ce (model=resnet8)"])
+    assert x == (3.0, 6.0) and m == (71.0, 80.0) and s[0] == pytest.approx(math.sqrt(2)) and s[1] is None
+    assert [(p[0], p[1]) for p in pts["lsskd"]] == [(3.0, 73.0), (6.0, 85.0)]
+    assert [(p[0], p[1]) for p in pts["ce (model=resnet14)"]] == [(3.0, 50.0)]
+
+    rep = build_report([root], tmp_path / "rep")
+    assert (tmp_path / "rep" / "accuracy_vs_epochs.png").read_bytes()[:8] == PNG
+    assert "](accuracy_vs_epochs.png)" in (tmp_path / "rep" / "report.md").read_text()
+    assert len(rep.groups) == 5
+    # one budget only (the fixture: every run 3 epochs): no budget plot
+    build_report([fake_runs], tmp_path / "same")
+    assert not (tmp_path / "same" / "accuracy_vs_epochs.png").exists()
+    assert (tmp_path / "same" / "accuracy_vs_fraction.png").exists()

@@ -520,42 +520,67 @@ def plot_curves(groups: Sequence[Group], path: Path) -> bool:
     return True
 
 
-def plot_fraction(groups: Sequence[Group], path: Path) -> bool:
-    """Last-epoch top-1 vs ``data.train_fraction`` (paper Fig. 5): one line per
-    method (and per other setting that varies), error bars ± one std."""
+def points_against(groups: Sequence[Group], key: str, default: Any = None
+                   ) -> Dict[str, List[Tuple[float, float, Optional[float]]]]:
+    """Last-epoch top-1 (mean, std) against one setting ``key``, as
+    {line label: [(x, mean, std), ...]} sorted by x: one line per method, split further
+    where another setting (model, data, ...) differs between that method's groups."""
+    short = key.split(".")[-1]
     lines: Dict[str, List[Tuple[float, float, Optional[float]]]] = {}
-    fractions = set()
     for g in groups:
         ident = _identity(g.first)
-        frac = ident.get("data.train_fraction", 1.0)
-        rest = {k: v for k, v in ident.items() if k not in ("data.train_fraction",)}
+        # a key at its default is absent from the identity; the run itself still records it
+        x = float(ident.get(key, g.first.config.get(key, g.first.summary.get(short, default))))
         name = _method(g)
-        others = [g2 for g2 in groups if _method(g2) == name]
-        if len({_freeze({k: v for k, v in _identity(o.first).items() if k != "data.train_fraction"})
-                for o in others}) > 1:
-            extra = [p for p in g.settings.split() if not p.startswith("train_fraction=")]
-            name = f"{name} ({', '.join(extra)})" if extra else name
-        key = name + "\x00" + _freeze({k: v for k, v in rest.items() if not k.startswith("method.")})
-        lines.setdefault(key, []).append((float(frac), *g.stats["top1"]))
-        fractions.add(float(frac))
-    if len(fractions) < 2:
+        same = [_identity(o.first) for o in groups if _method(o) == name]
+        differ = [k for k in sorted(set().union(*same)) if k != key
+                  and len({_freeze(i.get(k, "<unset>")) for i in same}) > 1]
+        if differ:
+            full = {**_current_defaults(g.first.config.get("method.name")), **g.first.config}
+            names = {k: (k.split(".")[0] if k.endswith(".name") else v) for k, v in _short(differ).items()}
+            name += " (" + ", ".join(f"{names[k]}={_fmt_setting(full.get(k, '<unset>'))}"
+                                     for k in differ) + ")"
+        lines.setdefault(name, []).append((x, *g.stats["top1"]))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in sorted(lines.items())}
+
+
+def _plot_against(groups: Sequence[Group], path: Path, key: str, default: Any, scale: float,
+                  xlabel: str, title: str) -> bool:
+    """Plot :func:`points_against`; False (nothing written) with under two x values."""
+    lines = points_against(groups, key, default)
+    xs_all = {p[0] for pts in lines.values() for p in pts}
+    if len(xs_all) < 2:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (key, pts), c in zip(sorted(lines.items()), _colors(len(lines))):
-        pts.sort()
-        xs = [100 * p[0] for p in pts]
-        ax.errorbar(xs, [p[1] for p in pts], yerr=[math.nan if p[2] is None else p[2] for p in pts], color=c, marker="o",
-                    ms=5, lw=1.6, capsize=3, label=key.split("\x00")[0])
-    ax.set_xticks([100 * f for f in sorted(fractions)])
-    ax.set_xlabel("training data used (% of the training set, stratified)")
+    for (label, pts), c in zip(lines.items(), _colors(len(lines))):
+        ax.errorbar([scale * p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[math.nan if p[2] is None else p[2] for p in pts], color=c, marker="o",
+                    ms=5, lw=1.6, capsize=3, label=label)
+    ax.set_xticks([scale * x for x in sorted(xs_all)])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{groups[0].first.eval_on} top-1 at last epoch (%)")
-    ax.set_title("Accuracy vs training-set fraction (mean ± std over seeds)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend(ax, len(lines))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def plot_fraction(groups: Sequence[Group], path: Path) -> bool:
+    """Last-epoch top-1 vs ``data.train_fraction`` (paper Fig. 5)."""
+    return _plot_against(groups, path, "data.train_fraction", 1.0, 100,
+                         "training data used (% of the training set, stratified)",
+                         "Accuracy vs training-set fraction (mean ± std over seeds)")
+
+
+def plot_epochs(groups: Sequence[Group], path: Path) -> bool:
+    """Last-epoch top-1 vs the epoch budget ``train.epochs`` (each point is a run
+    trained, with its own schedule, for that many epochs, not an earlier epoch of a
+    longer run)."""
+    return _plot_against(groups, path, "train.epochs", None, 1, "training budget (epochs)",
+                         "Accuracy vs epoch budget (mean ± std over seeds)")
 
 
 def plot_branches(groups: Sequence[Group], path: Path) -> bool:
@@ -616,6 +641,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
         _pyplot()  # fail before writing anything when matplotlib is missing
         for title, fname, fn in (("Accuracy per epoch", "accuracy_per_epoch.png", plot_curves),
                                  ("Accuracy vs training fraction", "accuracy_vs_fraction.png", plot_fraction),
+                                 ("Accuracy vs epoch budget", "accuracy_vs_epochs.png", plot_epochs),
                                  ("Per-branch accuracy", "branch_accuracy.png", plot_branches)):
             if fn(groups, out / fname):
                 figs.append((title, fname))
