@@ -183,6 +183,45 @@ def test_hapt_normalisation_fitted_on_training_subjects_only(hapt_bundle, hapt_r
     assert float((zt.mean((0, 2))).abs().max()) > 0.01
 
 
+def test_hapt_group_split_holds_out_whole_subjects(hapt_bundle, hapt_raw):
+    b = build_data(_hapt_cfg(val_fraction=0.1, val_split="group"))
+    subj = hapt_raw["subject"]
+    tr = set(subj[b.train.source_index.numpy()].tolist())
+    va = set(subj[b.val.source_index.numpy()].tolist())
+    # 21 training subjects, round(0.1 * 21) = 2 held out whole; none straddles the split
+    assert len(va) == 2 and not tr & va and tr | va == set(b.info["train_subjects"])
+    assert torch.equal(b.val.groups, torch.from_numpy(subj[b.val.source_index.numpy()]))
+    assert len(b.train) + len(b.val) == len(hapt_bundle.train)
+    assert sorted(torch.unique(b.val.y).tolist()) == list(range(6))  # each subject does every activity
+    # reproducible, moves with subset_seed, and the test subjects are untouched
+    again = build_data(_hapt_cfg(val_fraction=0.1, val_split="group"))
+    assert torch.equal(again.val.source_index, b.val.source_index)
+    other = build_data(_hapt_cfg(val_fraction=0.1, val_split="group", subset_seed=1))
+    assert set(subj[other.val.source_index.numpy()].tolist()) != va
+    assert torch.equal(b.test.source_index, hapt_bundle.test.source_index)
+    # the by-window split puts windows of every training subject on both sides
+    strat = build_data(_hapt_cfg(val_fraction=0.1))
+    assert set(subj[strat.val.source_index.numpy()].tolist()) == set(b.info["train_subjects"])
+    # a class subset keeps the groups aligned with the samples
+    sub = build_data(_hapt_cfg(val_fraction=0.5, val_split="group", classes=["walking", "laying"]))
+    assert torch.equal(sub.val.groups, torch.from_numpy(subj[sub.val.source_index.numpy()]))
+    assert len(set(sub.val.groups.tolist())) == 10 and sub.classes == ["walking", "laying"]
+
+
+def test_group_split_errors():
+    from lsskd.data.base import group_split
+
+    with pytest.raises(DataError, match="data.val_split must be 'stratified' or 'group', got 'subject'"):
+        build_data(_hapt_cfg(val_fraction=0.1, val_split="subject"))
+    with pytest.raises(DataError, match="dataset 'digits' has no groups"):
+        build_data(dict(copy.deepcopy(DEFAULTS["data"]), name="digits", val_fraction=0.1, val_split="group"))
+    with pytest.raises(DataError, match="at least 2 groups"):
+        group_split(torch.zeros(5, dtype=torch.long), 0.5)
+    # never every group: one is always left to train on
+    tr, va = group_split(torch.tensor([0, 0, 1, 1]), 0.9)
+    assert tr.tolist() and va.tolist() and sorted(tr.tolist() + va.tolist()) == [0, 1, 2, 3]
+
+
 def test_hapt_all_activities_and_bad_values(tmp_path):
     b = DATASETS.build("hapt", _hapt_cfg(activities="all"))
     assert len(b.classes) == 12 and len(b.train) + len(b.test) == 10361

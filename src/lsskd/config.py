@@ -31,6 +31,7 @@ DEFAULTS: Dict[str, Any] = {
         "train_fraction": 1.0,  # stratified subset of the training set (paper Fig. 5)
         "per_class": 0,  # exact images per class instead of a fraction (0 = off)
         "val_fraction": 0.0,  # stratified held-out split of the training data (0 = none)
+        "val_split": "stratified",  # stratified (by class) | group (whole subjects; sensor data)
         "eval_on": "test",  # test | val: which split the per-epoch evaluation uses
         "subset_seed": 0,
         "cache_dir": "",  # decoded-image cache ('' = ~/.cache/lsskd, 'none' = off)

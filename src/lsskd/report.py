@@ -448,7 +448,7 @@ def _common_settings(groups: Sequence[Group]) -> List[str]:
     if not idents:
         return []
     keys = ["model.name", "data.name", "data.root", "data.classes", "data.train_fraction", "data.per_class",
-            "data.val_fraction", "train.epochs", "train.batch_size", "optim.lr", "optim.schedule"]
+            "data.val_fraction", "data.val_split", "train.epochs", "train.batch_size", "optim.lr", "optim.schedule"]
     out = []
     for k in keys:
         vals = {_freeze(i.get(k, "<unset>")) for i in idents}

@@ -25,6 +25,9 @@ class ArrayDataset:
     name: str = ""
     # Index of each sample in the dataset it was cut from (for provenance).
     source_index: Optional[torch.Tensor] = None
+    # Group of each sample (e.g. the subject a sensor window came from), for group-wise
+    # held-out splits; None when the dataset has no groups.
+    groups: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.y.dtype != torch.int64:
@@ -38,6 +41,8 @@ class ArrayDataset:
             )
         if self.source_index is None:
             self.source_index = torch.arange(len(self.y))
+        if self.groups is not None and len(self.groups) != len(self.y):
+            raise DataError(f"{self.name}: {len(self.groups)} group ids but {len(self.y)} samples")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -48,9 +53,8 @@ class ArrayDataset:
 
     def subset(self, idx: torch.Tensor | Sequence[int], name: str | None = None) -> "ArrayDataset":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return ArrayDataset(
-            self.x[idx], self.y[idx], list(self.classes), name or self.name, self.source_index[idx]
-        )
+        return ArrayDataset(self.x[idx], self.y[idx], list(self.classes), name or self.name,
+                            self.source_index[idx], None if self.groups is None else self.groups[idx])
 
     def select_classes(self, keep: Sequence[int]) -> "ArrayDataset":
         """Only the samples of classes ``keep`` (old indices), relabelled 0..len(keep)-1
@@ -60,7 +64,7 @@ class ArrayDataset:
         new = remap[self.y]
         idx = torch.nonzero(new >= 0).flatten()
         return ArrayDataset(self.x[idx], new[idx], [self.classes[k] for k in keep], self.name,
-                            self.source_index[idx])
+                            self.source_index[idx], None if self.groups is None else self.groups[idx])
 
 
 @dataclass
@@ -148,6 +152,24 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0):
         va.append(members[:k])
         tr.append(members[k:])
     return torch.sort(torch.cat(tr)).values, torch.sort(torch.cat(va)).values
+
+
+def group_split(groups: torch.Tensor, val_fraction: float, seed: int = 0):
+    """(train_idx, val_idx): hold out whole groups (e.g. subjects), ``round(val_fraction * G)``
+    of the G groups (at least one, and at least one left to train on), chosen at random.
+    Samples of one group never straddle the split, so overlapping windows of one recording
+    cannot leak into the held-out score."""
+    if not (0.0 < val_fraction < 1.0):
+        raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    groups = torch.as_tensor(groups)
+    ids = torch.unique(groups)
+    if len(ids) < 2:
+        raise DataError(f"data.val_split=group needs at least 2 groups in the training data, got {len(ids)}")
+    k = min(max(1, int(round(val_fraction * len(ids)))), len(ids) - 1)
+    g = torch.Generator().manual_seed(seed + 7919)
+    held = ids[torch.randperm(len(ids), generator=g)[:k]]
+    mask = torch.isin(groups, held)
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
 
 
 def channel_stats(x: torch.Tensor) -> Tuple[List[float], List[float]]:

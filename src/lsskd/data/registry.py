@@ -5,7 +5,8 @@ from pathlib import Path
 from typing import Dict
 
 from ..registry import DATASETS
-from .base import DataBundle, DataError, channel_stats, resolve_classes, stratified_indices, stratified_split
+from .base import (DataBundle, DataError, channel_stats, group_split, resolve_classes, stratified_indices,
+                   stratified_split)
 from .folder import load_class_folder
 
 CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
@@ -40,7 +41,8 @@ def folder_dataset(cfg: Dict) -> DataBundle:
 def build_data(cfg: Dict) -> DataBundle:
     """Build the dataset named by ``data.name`` and apply, in order: the class subset
     (``data.classes``, train and test alike), the stratified training fraction /
-    per-class count, the held-out validation split, and normalisation statistics
+    per-class count, the held-out validation split (by class, or by group with
+    ``data.val_split=group``), and normalisation statistics
     (the dataset's own unless given)."""
     bundle: DataBundle = DATASETS.build(cfg["name"], cfg)
     if cfg.get("classes", []) != []:
@@ -53,8 +55,17 @@ def build_data(cfg: Dict) -> DataBundle:
         idx = stratified_indices(train.y, cfg.get("train_fraction", 1.0), cfg.get("per_class", 0),
                                  cfg.get("subset_seed", 0))
         train = train.subset(idx)
+    how = cfg.get("val_split", "stratified")
+    if how not in ("stratified", "group"):
+        raise DataError(f"data.val_split must be 'stratified' or 'group', got {how!r}")
     if cfg.get("val_fraction", 0.0) > 0:
-        tr, va = stratified_split(train.y, cfg["val_fraction"], cfg.get("subset_seed", 0))
+        if how == "group":
+            if train.groups is None:
+                raise DataError(f"data.val_split=group: dataset '{cfg['name']}' has no groups "
+                                f"(subjects); use data.val_split=stratified")
+            tr, va = group_split(train.groups, cfg["val_fraction"], cfg.get("subset_seed", 0))
+        else:
+            tr, va = stratified_split(train.y, cfg["val_fraction"], cfg.get("subset_seed", 0))
         bundle.val = train.subset(va, name=f"{train.name}[val]")
         train = train.subset(tr)
     bundle.train = train

@@ -60,7 +60,8 @@ def _bundle(x: np.ndarray, y: np.ndarray, subject: np.ndarray, classes: List[str
     def part(idx, split):
         xs = torch.from_numpy(np.ascontiguousarray(x[idx].transpose(0, 2, 1), dtype=np.float32))
         return ArrayDataset(xs, torch.from_numpy(y[idx].astype(np.int64)), list(classes), f"{name}[{split}]",
-                            source_index=torch.from_numpy(idx.astype(np.int64)))
+                            source_index=torch.from_numpy(idx.astype(np.int64)),
+                            groups=torch.from_numpy(subject[idx].astype(np.int64)))
 
     train, test = part(tr, "train"), part(te, "test")
     mean, std = channel_stats(train.x)
