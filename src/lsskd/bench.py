@@ -127,9 +127,11 @@ def bench_method(method_cfg: Dict, model: str, batch_size: int, steps: int = 10,
         reset = _reset_peak_rss()
         base_mem = _peak_rss_mb()
     backbone = build_model(model, num_classes)
+    # has_val: a held-out split costs one evaluation per epoch and nothing per step, so
+    # methods that need one (gate=gap) are timed as if the run had it
     method = METHODS.get(method_cfg["name"])(backbone, method_cfg, num_train=n,
                                                modality="image", input_shape=tuple(input_shape),
-                                               train_labels=y_all).to(dev)
+                                               train_labels=y_all, has_val=True).to(dev)
     method.train()
     method.on_epoch_start(2, 2)  # a late epoch: softening (store reads) active
     opt = build_optimizer(method.parameters(), DEFAULTS["optim"])
