@@ -36,6 +36,9 @@ for d in digits hapt; do
     lsskd report results/gap/$d results/$d/ce results/$d/lsskd_robust --out results/gap/$d
   fi
 done
+# the same on HAPT with whole subjects held out (data.val_split=group)
+collect runs/gapsubj/hapt results/gap/hapt-subject
+if [ -d results/gap/hapt-subject ]; then lsskd report results/gap/hapt-subject --out results/gap/hapt-subject; fi
 # an over-fitting cell (issue 9): 10 CIFAR-100 classes (1,000 training images), 60 and 120 epochs
 collect runs/explore/c10 results/overfit/c10-e60
 collect runs/explore/c10e120 results/overfit/c10-e120
