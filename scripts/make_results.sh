@@ -45,3 +45,7 @@ collect runs/explore/c10e120 results/overfit/c10-e120
 for d in c10-e60 c10-e120; do
   if [ -d results/overfit/$d ]; then lsskd report results/overfit/$d --out results/overfit/$d; fi
 done
+# both budgets in one report: accuracy_vs_epochs.png
+if [ -d results/overfit/c10-e60 ] && [ -d results/overfit/c10-e120 ]; then
+  lsskd report results/overfit/c10-e60 results/overfit/c10-e120 --out results/overfit/budget
+fi

@@ -95,6 +95,9 @@ def test_report_means_stds_deltas_and_labels(fake_runs, tmp_path):
     assert float(ls["top1_best_epoch_mean"]) == 80.0 and float(ls["top1_best_epoch_std"]) == 0.0
     # delta vs the ce group of the same config: 75 - 72, and per training fraction
     assert float(ls["delta_top1_vs_baseline"]) == 3.0 and ce["delta_top1_vs_baseline"] == ""
+    # its standard error: sqrt(7/3 + 4/3); none for single-seed groups
+    assert float(ls["delta_top1_se"]) == pytest.approx(math.sqrt(11 / 3), abs=1e-6)
+    assert row_for(rows, "lsskd", 0.25)["delta_top1_se"] == "" and ce["delta_top1_se"] == ""
     assert float(row_for(rows, "lsskd", 0.25)["delta_top1_vs_baseline"]) == 5.5
     assert float(row_for(rows, "lsskd", 0.5)["delta_top1_vs_baseline"]) == 4.25
     # single seed: no std
@@ -116,6 +119,8 @@ def test_report_means_stds_deltas_and_labels(fake_runs, tmp_path):
     assert cells[1:4] == ["3", "72.00 ± 2.00", "–"]
     assert cells[5].startswith("73.00 ± 2.00")
     assert "| lsskd (train_fraction=1) | 41.00 ± 1.00 | 55.00 ± 0.00 | 62.00 ± 2.00 | 75.00 ± 2.65 |" in md
+    assert "| lsskd (train_fraction=1) | 3 | 75.00 ± 2.65 | +3.00 ± 1.91 |" in md and "within seed noise" in md
+    assert "| lsskd (train_fraction=0.25) | 1 | 55.50 | +5.50 |" in md
 
     for name in ("accuracy_per_epoch.png", "accuracy_vs_fraction.png", "branch_accuracy.png"):
         assert (out / name).read_bytes()[:8] == PNG, name

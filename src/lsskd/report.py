@@ -304,9 +304,10 @@ def _method(g: Group) -> str:
 def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool = False) -> None:
     """``delta`` = group's mean last-epoch top-1 minus that of the ``baseline`` method's
     group with the same config apart from the method section (or, failing that, a
-    unique one with the same model, data, training fraction and epochs)."""
+    unique one with the same model, data, training fraction and epochs). ``delta_se`` =
+    its standard error sqrt(s^2/n + s0^2/n0), when both groups have two or more seeds."""
     for g in groups:
-        g.stats["delta"] = None
+        g.stats["delta"] = g.stats["delta_se"] = None
     if not baseline:
         return
     base = [g for g in groups if _method(g) == baseline]
@@ -316,8 +317,12 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
         for strict in (True, False):
             cands = [b for b in base if _baseline_key(b, strict, by_fields) == _baseline_key(g, strict, by_fields)]
             if len(cands) == 1:
-                g.stats["delta"] = g.stats["top1"][0] - cands[0].stats["top1"][0]
-                g.stats["delta_vs"] = cands[0].label
+                b = cands[0]
+                g.stats["delta"] = g.stats["top1"][0] - b.stats["top1"][0]
+                g.stats["delta_vs"] = b.label
+                if g.stats["top1"][1] is not None and b.stats["top1"][1] is not None:
+                    g.stats["delta_se"] = math.sqrt(g.stats["top1"][1] ** 2 / g.stats["n"]
+                                                    + b.stats["top1"][1] ** 2 / b.stats["n"])
                 break
             if len(cands) > 1 or by_fields:
                 break
@@ -327,7 +332,7 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
 CSV_COLUMNS = [
     "group", "method", "model", "dataset", "settings", "eval_on", "epochs", "n_seeds", "seeds",
     "top1_last_mean", "top1_last_std", "top5_last_mean", "top5_last_std", "delta_top1_vs_baseline",
-    "baseline", "top1_best_epoch_mean", "top1_best_epoch_std", "best_epoch_mean",
+    "delta_top1_se", "baseline", "top1_best_epoch_mean", "top1_best_epoch_std", "best_epoch_mean",
     "params_deployed", "params_train", "macs_deployed", "train_size", "train_seconds_mean",
     "branch_top1_mean", "run_dirs",
 ]
@@ -349,6 +354,7 @@ def csv_rows(groups: Sequence[Group], baseline: Optional[str]) -> List[Dict[str,
             "top1_last_mean": _num(st["top1"][0]), "top1_last_std": _num(st["top1"][1]),
             "top5_last_mean": _num(st["top5"][0]), "top5_last_std": _num(st["top5"][1]),
             "delta_top1_vs_baseline": _num(st.get("delta")),
+            "delta_top1_se": _num(st.get("delta_se")),
             "baseline": st.get("delta_vs", "") if st.get("delta") is not None else "",
             "top1_best_epoch_mean": _num(st["best"][0]), "top1_best_epoch_std": _num(st["best"][1]),
             "best_epoch_mean": _num(st["best_epoch"][0]),
@@ -403,13 +409,18 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
         row = [g.label, str(st["n"]), _pm(st["top1"])]
         if show_delta:
             d = st.get("delta")
-            row.append("–" if d is None else f"{d:+.2f}")
+            se = st.get("delta_se")
+            row.append("–" if d is None else f"{d:+.2f}" + ("" if se is None else f" ± {se:.2f}"))
         best = _pm(st["best"])
         if st["best_epoch"][0] is not None:
             best += f" (ep {st['best_epoch'][0]:.0f})" if st["n"] == 1 else f" (mean ep {st['best_epoch'][0]:.1f})"
         row += [_pm(st["top5"]), best, _human(st["params_deployed"]), _human(st["macs_deployed"])]
         L.append("| " + " | ".join(row) + " |")
     L.append("")
+    if show_delta and any(g.stats.get("delta_se") is not None for g in groups):
+        L += [f"Δ ± its standard error, sqrt(s²/n + s₀²/n₀) over the two groups' seeds (shown when both "
+              f"have two or more). A Δ smaller than about two standard errors is within seed noise; "
+              f"with two or three seeds the standard error itself is rough.", ""]
     common = _common_settings(groups)
     if common:
         L += ["Common to all groups: " + ", ".join(common) + ".", ""]
