@@ -377,3 +377,9 @@ def test_report_plots_accuracy_against_the_epoch_budget(fake_runs, tmp_path):
     build_report([fake_runs], tmp_path / "same")
     assert not (tmp_path / "same" / "accuracy_vs_epochs.png").exists()
     assert (tmp_path / "same" / "accuracy_vs_fraction.png").exists()
+    # two budgets but no method at both (e.g. unrelated protocols side by side): no plot
+    lone = tmp_path / "lone"
+    make_run(lone, "ce-e3", "ce", 0, 70.0, 90.0, 70.0, 3, epochs=3)
+    make_run(lone, "lsskd-e6", "lsskd", 0, 80.0, 90.0, 80.0, 6, epochs=6)
+    build_report([lone], tmp_path / "lone-rep")
+    assert not (tmp_path / "lone-rep" / "accuracy_vs_epochs.png").exists()

@@ -557,10 +557,10 @@ def points_against(groups: Sequence[Group], key: str, default: Any = None
 
 def _plot_against(groups: Sequence[Group], path: Path, key: str, default: Any, scale: float,
                   xlabel: str, title: str) -> bool:
-    """Plot :func:`points_against`; False (nothing written) with under two x values."""
+    """Plot :func:`points_against`; False (nothing written) unless some line has two points."""
     lines = points_against(groups, key, default)
     xs_all = {p[0] for pts in lines.values() for p in pts}
-    if len(xs_all) < 2:
+    if max(len({p[0] for p in pts}) for pts in lines.values()) < 2:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
