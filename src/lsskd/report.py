@@ -538,14 +538,15 @@ def points_against(groups: Sequence[Group], key: str, default: Any = None
     where another setting (model, data, ...) differs between that method's groups."""
     short = key.split(".")[-1]
     lines: Dict[str, List[Tuple[float, float, Optional[float]]]] = {}
+    # per method, the settings (besides ``key``) that differ between its groups
+    differs = {m: [k for k in _varying([o for o in groups if _method(o) == m]) if k != key]
+               for m in {_method(g) for g in groups}}
     for g in groups:
         ident = _identity(g.first)
         # a key at its default is absent from the identity; the run itself still records it
         x = float(ident.get(key, g.first.config.get(key, g.first.summary.get(short, default))))
         name = _method(g)
-        same = [_identity(o.first) for o in groups if _method(o) == name]
-        differ = [k for k in sorted(set().union(*same)) if k != key
-                  and len({_freeze(i.get(k, "<unset>")) for i in same}) > 1]
+        differ = differs[name]
         if differ:
             full = {**_current_defaults(g.first.config.get("method.name")), **g.first.config}
             names = {k: (k.split(".")[0] if k.endswith(".name") else v) for k, v in _short(differ).items()}
