@@ -162,6 +162,21 @@ def test_gap_gate_reads_the_held_out_split_every_epoch(tmp_path):
     assert rows[-1]["method_gate"] > 0
 
 
+def test_a_method_that_wants_the_held_out_split_needs_one(tmp_path):
+    """A third-party method with ``wants_val`` and no ``data.val_fraction`` is refused up front,
+    naming the method and the key, instead of failing after the first epoch."""
+    from lsskd.methods.ce import CrossEntropy
+    from lsskd.registry import METHODS
+
+    if "test_val_reader" not in METHODS:
+        METHODS.register("test_val_reader")(type("ValReader", (CrossEntropy,), {"wants_val": True}))
+    small = {"data.name": "digits", "data.image_size": 16}
+    with pytest.raises(ConfigError, match=r"'test_val_reader'.*data\.val_fraction"):
+        Trainer(_small_cfg(tmp_path, "test_val_reader", **small))
+    tr = Trainer(_small_cfg(tmp_path, "test_val_reader", **small, **{"data.val_fraction": 0.2}))
+    assert tr.method.wants_val and len(tr.bundle.val) == 287
+
+
 def test_closed_lsskd_gate_trains_the_backbone_exactly_like_ce(tmp_path, cifar_bundle, capsys):
     """gate=fit below its floor + bn_views=split: the deployed backbone is CE's (issue 9)."""
     import dataclasses

@@ -141,9 +141,15 @@ def build_optimizer(params, cfg_optim: Dict) -> torch.optim.Optimizer:
 def build_method(cfg: Dict, bundle: DataBundle):
     backbone = build_model(cfg["model"]["name"], len(bundle.classes), **cfg["model"].get("kwargs", {}))
     cls = METHODS.get(cfg["method"]["name"])
-    return cls(backbone, cfg["method"], num_train=len(bundle.train), modality=bundle.modality,
-               input_shape=bundle.input_shape, train_labels=bundle.train.y,
-               has_val=bundle.val is not None)
+    method = cls(backbone, cfg["method"], num_train=len(bundle.train), modality=bundle.modality,
+                 input_shape=bundle.input_shape, train_labels=bundle.train.y,
+                 has_val=bundle.val is not None)
+    if method.wants_val and bundle.val is None:
+        # Built-in methods refuse this themselves; a third-party one would otherwise fail
+        # mid-run on a missing split.
+        raise ConfigError(f"method {cfg['method']['name']!r} reads the held-out split after every "
+                          f"epoch (wants_val): set data.val_fraction > 0 (e.g. 0.1)")
+    return method
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> Dict[int, int]:
