@@ -224,6 +224,25 @@ def test_sweep_plan_expansion(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "dry").exists()
 
 
+def test_sweep_drift_names_changed_keys_but_not_keys_added_since(tmp_path):
+    """config_drift reports a result-relevant key that differs from the plan; a key the
+    run's config.yaml lacks because it predates the key counts as its default."""
+    a = write_config(tmp_path / "a.yaml", tmp_path)
+    spec = sw.expand([str(a)], [0], tmp_path / "r")[0]
+    spec.out_dir.mkdir(parents=True)
+    saved = build_config(spec.config, spec.train_overrides())
+    del saved["data"]["val_split"]  # written before data.val_split existed
+    saved["train"]["progress"] = not saved["train"]["progress"]  # an execution key
+    (spec.out_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert sw.config_drift(spec) == []
+    saved["optim"]["lr"] = 0.123
+    saved["data"]["val_split"] = "group"
+    (spec.out_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert sw.config_drift(spec) == ["data.val_split", "optim.lr"]
+    (spec.out_dir / "config.yaml").write_text("- a list\n")
+    assert sw.config_drift(spec) == ["config.yaml unreadable"]
+
+
 def test_sweep_parallel_failures_reported(tmp_path, capsys):
     """--jobs 2 runs `python -m lsskd train` subprocesses; a failing run does not stop the
     others, its error is shown, and the exit status is 1."""

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..config import ConfigError, build_config, load_yaml, parse_override
+from ..config import DEFAULTS, ConfigError, _merge, build_config, load_yaml, parse_override
 
 PLAN_KEYS = {"configs", "seeds", "overrides", "grid", "out_root", "only"}
 # Keys the sweep sets itself for every run.
@@ -282,8 +282,9 @@ def config_drift(spec: RunSpec) -> List[str]:
     if not saved_file.is_file():
         return []
     try:
-        saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
-    except yaml.YAMLError:
+        # A key added to the library after the run was written counts as its default.
+        saved = _flat(_merge(DEFAULTS, yaml.safe_load(saved_file.read_text()) or {}, "", strict=False))
+    except (yaml.YAMLError, ConfigError, AttributeError):
         return ["config.yaml unreadable"]
     planned = _flat(build_config(spec.config, spec.train_overrides()))
     keys = sorted((set(saved) | set(planned)) - EXECUTION_KEYS)
@@ -366,7 +367,6 @@ def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
     ``bundles`` caches decoded datasets by their ``data`` config so consecutive
     runs of the same data (the seeds of one config) decode it once; data loading
     does not depend on the run's seed, so this changes no result."""
-    from ..config import _merge
     from ..engine.trainer import Trainer
 
     spec = res.spec
