@@ -143,6 +143,79 @@ def test_stage_adapter_wraps_a_user_model():
     assert z.shape == (2, 5) and torch.isfinite(sum(losses.values()))
 
 
+PLUGIN = """
+import torch.nn.functional as F
+from torch import nn
+
+from lsskd.methods.base import register_method
+from lsskd.methods.ce import CrossEntropy
+from lsskd.models import StagedAdapter
+from lsskd.registry import MODELS
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes, width):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.block1 = nn.Sequential(nn.Conv2d(width, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(width, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.block1(self.conv(x))).mean((2, 3)))
+
+
+@MODELS.register("plugin_tinynet")
+def plugin_tinynet(num_classes=10, width=8):
+    return StagedAdapter(TinyNet(num_classes, width), stem="conv", stages=["block1", "block2"],
+                         classifier="fc", probe_shape=(3, 16, 16))
+
+
+@register_method("plugin_scaled_ce")
+class ScaledCE(CrossEntropy):
+    defaults = {"scale": 1.0}
+
+    def train_forward(self, x, y, idx, mix):
+        logits = self.backbone(x)
+        return logits, {"ce": self.cfg["scale"] * F.cross_entropy(logits.float(), y)}
+"""
+
+
+def test_plugins_bring_a_users_model_and_method_to_the_cli(tmp_path, capsys):
+    """plugins=[file.py] registers the user's model and method for `lsskd train`; the run's
+    stored config is enough for `lsskd eval` in a fresh interpreter to rebuild it."""
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(PLUGIN)
+    run = tmp_path / "run"
+    common = ["data.name=digits", "data.image_size=16", "train.epochs=1", "train.max_steps_per_epoch=4",
+              "train.progress=false", "train.tensorboard=false"]
+    args = ["train", f"plugins=[{plugin}]", "model.name=plugin_tinynet", "model.kwargs={width: 12}",
+            "method.name=plugin_scaled_ce", "method.scale=0.5", f"out_dir={run}", *common]
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "plugin_tinynet" and summary["method"] == "plugin_scaled_ce"
+    assert "my_plugin.py" in (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run)]) == 0  # the same file again: nothing registered twice
+    capsys.readouterr()
+    done = subprocess.run([sys.executable, "-m", "lsskd", "eval", "--checkpoint", str(run / "last.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout[done.stdout.rindex('{\n  "checkpoint"'):])
+    assert res["test_top1"] == pytest.approx(summary["test_top1"])
+
+    assert main(["train", "plugins=[no_such_module_xyz]", f"out_dir={tmp_path / 'r2'}", *common]) == 2
+    assert "cannot import 'no_such_module_xyz'" in capsys.readouterr().err
+    assert main(["train", f"plugins=[{tmp_path / 'missing.py'}]", f"out_dir={tmp_path / 'r3'}", *common]) == 2
+    assert "missing.py: no such file" in capsys.readouterr().err
+    assert main(["train", "plugins=a_string", f"out_dir={tmp_path / 'r4'}", *common]) == 2
+    assert "'plugins' must be a list" in capsys.readouterr().err
+    assert main(["train", "model.name=not_a_model", f"out_dir={tmp_path / 'r5'}", *common]) == 2
+    assert "plugins=[...]" in capsys.readouterr().err
+
+
 def test_gap_gate_reads_the_held_out_split_every_epoch(tmp_path):
     """gate=gap: the trainer scores the held-out split after every epoch (never the test
     set) and the next epoch's gate follows g_fit * clip((f - v - gap_floor) / gap_width)."""

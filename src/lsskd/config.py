@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "out_dir": "runs/default",
+    "plugins": [],  # your modules (dotted names or .py files) that register models/methods/data
     "model": {"name": "resnet20", "kwargs": {}},
     "method": {"name": "ce"},  # method-specific keys come from the method's defaults
     "data": {

@@ -6,6 +6,7 @@ from typing import Dict, List
 import torch
 
 from ..config import DEFAULTS, _merge, build_config
+from ..plugins import import_plugins
 from ..data import BatchAugment, build_data
 from .checkpoint import load_checkpoint
 from .distributed import DistInfo
@@ -17,6 +18,7 @@ def load_trained(path, overrides: List[str] | None = None, weights_only: bool = 
     """(method, cfg, checkpoint dict) with the method's weights restored."""
     st = load_checkpoint(path, weights_only=weights_only)
     cfg = _merge(DEFAULTS, st["config"], "", strict=True)
+    import_plugins(cfg["plugins"])  # a model or method of the user's own
     if overrides:
         over = build_config(None, overrides)
         for item in overrides:

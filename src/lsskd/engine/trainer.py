@@ -55,9 +55,11 @@ def _oom_types():
 def check_run_config(cfg: Dict) -> None:
     """Cheap checks run before any data is loaded, so a bad config fails in
     milliseconds with the key named (the method's own keys included)."""
-    from ..registry import MODELS
     from ..config import validate_section
+    from ..plugins import import_plugins
+    from ..registry import MODELS
 
+    import_plugins(cfg.get("plugins", []))
     t = cfg["train"]
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if t[key] < 1:
@@ -89,7 +91,8 @@ def check_run_config(cfg: Dict) -> None:
         name = cfg[section].get("name")
         if name not in reg:
             raise ConfigError(f"{section}.name: unknown {reg.kind} {name!r}; "
-                              f"registered: {', '.join(reg.names())}")
+                              f"registered: {', '.join(reg.names())} (one of your own: name the "
+                              f"module that registers it in plugins=[...])")
     kwargs = cfg["model"].get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ConfigError(f"config key 'model.kwargs' must be a mapping, got {kwargs!r}")
