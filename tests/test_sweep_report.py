@@ -383,8 +383,9 @@ def test_report_plots_accuracy_against_the_epoch_budget(fake_runs, tmp_path):
     compute_stats(groups)
     pts = points_against(groups, "train.epochs")
     assert set(pts) == {"ce (model=resnet8)", "ce (model=resnet14)", "lsskd"}
-    x, m, s = zip(*pts["ce (model=resnet8)"])
+    x, m, s, n = zip(*pts["ce (model=resnet8)"])
     assert x == (3.0, 6.0) and m == (71.0, 80.0) and s[0] == pytest.approx(math.sqrt(2)) and s[1] is None
+    assert n == (2, 1)
     assert [(p[0], p[1]) for p in pts["lsskd"]] == [(3.0, 73.0), (6.0, 85.0)]
     assert [(p[0], p[1]) for p in pts["ce (model=resnet14)"]] == [(3.0, 50.0)]
 

@@ -532,12 +532,12 @@ def plot_curves(groups: Sequence[Group], path: Path) -> bool:
 
 
 def points_against(groups: Sequence[Group], key: str, default: Any = None
-                   ) -> Dict[str, List[Tuple[float, float, Optional[float]]]]:
-    """Last-epoch top-1 (mean, std) against one setting ``key``, as
-    {line label: [(x, mean, std), ...]} sorted by x: one line per method, split further
+                   ) -> Dict[str, List[Tuple[float, float, Optional[float], int]]]:
+    """Last-epoch top-1 (mean, std, number of seeds) against one setting ``key``, as
+    {line label: [(x, mean, std, n), ...]} sorted by x: one line per method, split further
     where another setting (model, data, ...) differs between that method's groups."""
     short = key.split(".")[-1]
-    lines: Dict[str, List[Tuple[float, float, Optional[float]]]] = {}
+    lines: Dict[str, List[Tuple[float, float, Optional[float], int]]] = {}
     # per method, the settings (besides ``key``) that differ between its groups
     differs = {m: [k for k in _varying([o for o in groups if _method(o) == m]) if k != key]
                for m in {_method(g) for g in groups}}
@@ -552,23 +552,31 @@ def points_against(groups: Sequence[Group], key: str, default: Any = None
             names = {k: (k.split(".")[0] if k.endswith(".name") else v) for k, v in _short(differ).items()}
             name += " (" + ", ".join(f"{names[k]}={_fmt_setting(full.get(k, '<unset>'))}"
                                      for k in differ) + ")"
-        lines.setdefault(name, []).append((x, *g.stats["top1"]))
+        lines.setdefault(name, []).append((x, *g.stats["top1"], g.stats["n"]))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in sorted(lines.items())}
 
 
 def _plot_against(groups: Sequence[Group], path: Path, key: str, default: Any, scale: float,
                   xlabel: str, title: str) -> bool:
-    """Plot :func:`points_against`; False (nothing written) unless some line has two points."""
+    """Plot :func:`points_against`; False (nothing written) unless some line has two points.
+    Where the points have different numbers of seeds, those with fewer than the most are
+    hollow and labelled ``n=K``, so a one-seed point is not read as a mean."""
     lines = points_against(groups, key, default)
     xs_all = {p[0] for pts in lines.values() for p in pts}
     if max(len({p[0] for p in pts}) for pts in lines.values()) < 2:
         return False
+    n_most = max(p[3] for pts in lines.values() for p in pts)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for (label, pts), c in zip(lines.items(), _colors(len(lines))):
-        ax.errorbar([scale * p[0] for p in pts], [p[1] for p in pts],
-                    yerr=[math.nan if p[2] is None else p[2] for p in pts], color=c, marker="o",
+        xs, ys = [scale * p[0] for p in pts], [p[1] for p in pts]
+        ax.errorbar(xs, ys, yerr=[math.nan if p[2] is None else p[2] for p in pts], color=c, marker="o",
                     ms=5, lw=1.6, capsize=3, label=label)
+        for x, y, p in zip(xs, ys, pts):
+            if p[3] < n_most:
+                ax.plot([x], [y], marker="o", ms=7, color="white", markeredgecolor=c, zorder=3)
+                ax.annotate(f"n={p[3]}", (x, y), textcoords="offset points", xytext=(5, -11),
+                            fontsize=7, color=c)
     ax.set_xticks([scale * x for x in sorted(xs_all)])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{groups[0].first.eval_on} top-1 at last epoch (%)")
