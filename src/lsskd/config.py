@@ -220,5 +220,17 @@ def validate_section(section: Dict, defaults: Dict, prefix: str) -> Dict:
     return out
 
 
+def flatten(d: Dict, prefix: str = "") -> Dict[str, Any]:
+    """Nested config -> {dotted key: value}; an empty mapping stays a value (``{}``)."""
+    out: Dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def dump(cfg: Dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, flatten
 from .data.base import DataError
 
 # Config keys that do not change a run's result: runs differing only in these
@@ -81,17 +81,6 @@ class Group:
     @property
     def first(self) -> Run:
         return self.runs[0]
-
-
-def flatten(d: Dict, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

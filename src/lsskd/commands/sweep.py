@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..config import DEFAULTS, ConfigError, _merge, build_config, load_yaml, parse_override
+from ..config import DEFAULTS, ConfigError, _merge, build_config, flatten, load_yaml, parse_override
 
 PLAN_KEYS = {"configs", "seeds", "overrides", "grid", "out_root", "only"}
 # Keys the sweep sets itself for every run.
@@ -265,17 +265,6 @@ def expand(configs: Sequence[str], seeds: Sequence[int], out_root: str | Path,
     return specs
 
 
-def _flat(d: Dict, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_drift(spec: RunSpec) -> List[str]:
     """Result-relevant keys whose value in the run's config.yaml differs from the plan."""
     saved_file = spec.out_dir / "config.yaml"
@@ -283,10 +272,10 @@ def config_drift(spec: RunSpec) -> List[str]:
         return []
     try:
         # A key added to the library after the run was written counts as its default.
-        saved = _flat(_merge(DEFAULTS, yaml.safe_load(saved_file.read_text()) or {}, "", strict=False))
+        saved = flatten(_merge(DEFAULTS, yaml.safe_load(saved_file.read_text()) or {}, "", strict=False))
     except (yaml.YAMLError, ConfigError, AttributeError):
         return ["config.yaml unreadable"]
-    planned = _flat(build_config(spec.config, spec.train_overrides()))
+    planned = flatten(build_config(spec.config, spec.train_overrides()))
     keys = sorted((set(saved) | set(planned)) - EXECUTION_KEYS)
     return [k for k in keys if saved.get(k) != planned.get(k)]
 
