@@ -40,6 +40,7 @@ from torch import nn
 from . import __version__
 from .config import ConfigError
 from .data.base import DataError
+from .data.download import file_digest
 from .engine.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json
 
 EXPORT_FORMAT = "lsskd-export-1"
@@ -417,11 +418,7 @@ def open_model(checkpoint: str | Path | None = None, model: str | Path | None = 
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ Guarantees (docs/reliability.md lists the tests that prove them):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
+
+from ..data.download import file_digest
 
 
 class CheckpointError(RuntimeError):
@@ -125,11 +126,7 @@ def save_checkpoint(state: Dict[str, Any], path: str | Path, keep_previous: bool
 
 
 def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def load_checkpoint(path: str | Path, weights_only: bool = True, map_location="cpu") -> Dict[str, Any]:
