@@ -6,8 +6,8 @@ from typing import Dict, List
 import torch
 
 from ..config import DEFAULTS, _merge, build_config
-from ..plugins import import_plugins
 from ..data import BatchAugment, build_data
+from ..plugins import import_plugins
 from .checkpoint import load_checkpoint
 from .distributed import DistInfo
 from .profile import count_params
