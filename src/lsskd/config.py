@@ -205,6 +205,14 @@ def build_config(file: str | Path | None = None, overrides: List[str] | None = N
     return cfg
 
 
+def run_config(run_dir: str | Path) -> Dict:
+    """The config a run directory was trained with, to resume it: its ``config.yaml`` over
+    this version's defaults (a key added since keeps its default), ``out_dir`` = the directory."""
+    cfg = _merge(DEFAULTS, load_yaml(Path(run_dir) / "config.yaml"), "", strict=True)
+    cfg["out_dir"] = str(run_dir)
+    return cfg
+
+
 def validate_section(section: Dict, defaults: Dict, prefix: str) -> Dict:
     """Fill and check a component's own section (e.g. ``method.``) against its defaults."""
     out = copy.deepcopy(defaults)

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..config import DEFAULTS, ConfigError, _merge, build_config, flatten, load_yaml, parse_override
+from ..config import DEFAULTS, ConfigError, _merge, build_config, flatten, parse_override, run_config
 
 PLAN_KEYS = {"configs", "seeds", "overrides", "grid", "out_root", "only"}
 # Keys the sweep sets itself for every run.
@@ -360,8 +360,7 @@ def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
 
     spec = res.spec
     if res.action == "resume":
-        cfg = _merge(build_config(None, None), load_yaml(spec.out_dir / "config.yaml"), "", strict=True)
-        cfg["out_dir"] = str(spec.out_dir)
+        cfg = run_config(spec.out_dir)
     else:
         _clear_partial(spec)
         cfg = build_config(spec.config, spec.train_overrides())

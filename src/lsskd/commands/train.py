@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError, build_config, load_yaml
+from ..config import ConfigError, build_config, run_config
 
 
 def add_parser(sub):
@@ -27,13 +27,9 @@ def run(args) -> int:
         cfg_file = run_dir / "config.yaml"
         if not cfg_file.is_file():
             raise ConfigError(f"cannot resume: {cfg_file} not found")
-        cfg = build_config(None, None)
-        from ..config import _merge
-
-        cfg = _merge(cfg, load_yaml(cfg_file), "", strict=True)
+        cfg = run_config(run_dir)
         if args.overrides:
             raise ConfigError("overrides are not accepted with --resume (the run's config is fixed)")
-        cfg["out_dir"] = str(run_dir)
         trainer = Trainer(cfg, resume=True, unsafe_load=args.unsafe_load)
     else:
         cfg = build_config(args.config, args.overrides)

@@ -57,7 +57,7 @@ def _write_atomic(path: Path, write) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
+        digest = file_digest(tmp, "sha256")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -125,10 +125,6 @@ def save_checkpoint(state: Dict[str, Any], path: str | Path, keep_previous: bool
     atomic_write_text(sidecar(path), digest + "\n")
 
 
-def _sha256(path: str | Path) -> str:
-    return file_digest(path, "sha256")
-
-
 def load_checkpoint(path: str | Path, weights_only: bool = True, map_location="cpu") -> Dict[str, Any]:
     """Load with ``weights_only=True`` (no arbitrary code) unless the caller opts out;
     verify the SHA-256 sidecar when present. Every failure is a :class:`CheckpointError`
@@ -139,7 +135,7 @@ def load_checkpoint(path: str | Path, weights_only: bool = True, map_location="c
     side = sidecar(path)
     if side.is_file():
         want = side.read_text().strip()
-        if want and _sha256(path) != want:
+        if want and file_digest(path, "sha256") != want:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt or truncated: its SHA-256 does not match {side.name}")
     try:
