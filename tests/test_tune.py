@@ -4,6 +4,7 @@ import json
 import yaml
 
 from lsskd.cli import main
+from lsskd.config import build_config
 
 
 def test_tune_picks_best_on_validation_split(tmp_path, cifar_root, capsys):
@@ -22,8 +23,16 @@ def test_tune_picks_best_on_validation_split(tmp_path, cifar_root, capsys):
         assert summary["train_size"] < 300
     best = max(res["candidates"], key=lambda c: c["mean_val_top1"])
     assert res["chosen"]["group"] == best["group"]
+    # chosen.yaml is a config of its own: the tuned file, the fixed overrides and the winner,
+    # trained on the whole training set (no held-out split)
     chosen = yaml.safe_load((out / "chosen.yaml").read_text())
-    assert chosen == {"optim.lr": float(best["group"].split("lr")[-1])}
+    assert chosen["optim"] == {"lr": float(best["group"].split("lr")[-1])}
+    assert "val_fraction" not in chosen["data"] and "eval_on" not in chosen["data"]
+    cfg = build_config(out / "chosen.yaml")
+    base = build_config("configs/quickstart_cifar.yaml")
+    assert cfg["optim"]["lr"] == chosen["optim"]["lr"] and cfg["data"]["per_class"] == 3
+    assert cfg["data"]["val_fraction"] == 0.0 and cfg["model"] == base["model"]
+    assert cfg["method"] == base["method"] and cfg["train"]["epochs"] == 1
 
 
 def test_tune_rejects_test_set_overrides(tmp_path, capsys):

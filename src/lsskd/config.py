@@ -158,6 +158,15 @@ def _nest(path: List[str], value: Any) -> Dict:
     return d
 
 
+def nest_overrides(items: List[str]) -> Dict:
+    """``key.path=value`` overrides as one nested mapping (later items win), e.g. to write
+    them into a config file."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        out = _deep_update(out, _nest(*parse_override(item)))
+    return out
+
+
 def load_yaml(path: str | Path, _seen: tuple = ()) -> Dict:
     path = Path(path)
     if not path.is_file():

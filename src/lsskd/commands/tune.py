@@ -3,7 +3,8 @@
 The paper tuned alpha_T, beta and gamma on a 10% held-out split; this command does the
 same and never touches the test set: every candidate trains on the remaining 90% with
 ``data.val_fraction`` set and ``data.eval_on=val``. The winner (highest mean last-epoch
-validation top-1 over the seeds) is written to ``<out-root>/chosen.yaml`` as overrides,
+validation top-1 over the seeds) is written to ``<out-root>/chosen.yaml``, a config file
+that trains it on the whole training set (``lsskd train --config <out-root>/chosen.yaml``),
 with every candidate's score in ``<out-root>/tune.json``.
 
     lsskd tune --config configs/cpu/c100_resnet8_lsskd.yaml --out-root results/tune \\
@@ -12,10 +13,11 @@ with every candidate's score in ``<out-root>/tune.json``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from statistics import mean
 
-from ..config import ConfigError, dump
+from ..config import ConfigError, dump, nest_overrides, parse_override
 from ..engine.checkpoint import atomic_write_json, atomic_write_text
 from .sweep import expand, format_table, grid_points, run_sweep
 
@@ -34,8 +36,6 @@ def add_parser(sub):
 
 
 def parse_grid(items) -> dict:
-    from ..config import parse_override
-
     grid = {}
     for item in items:
         path, values = parse_override(item)
@@ -45,6 +45,21 @@ def parse_grid(items) -> dict:
     if not grid:
         raise ConfigError("tune: give at least one --grid KEY=[values]")
     return grid
+
+
+def chosen_config(args, best: dict, out: Path) -> str:
+    """The winner as a config file of its own: the tuned config as ``_base_``, then the fixed
+    overrides and the chosen values, without the held-out split (the final model trains on
+    all of its training data, and is then evaluated on the test set once)."""
+    cfg = nest_overrides([*args.overrides, *best["overrides"]])
+    try:
+        base = os.path.relpath(Path(args.config).resolve(), out.resolve())
+    except ValueError:  # another drive (Windows)
+        base = str(Path(args.config).resolve())
+    seeds = " ".join(map(str, args.seeds))
+    head = (f"# chosen by lsskd tune on a {args.val_fraction:.0%} held-out split of the training data:\n"
+            f"# mean last-epoch val top-1 {best['mean_val_top1']:.2f} over seeds {seeds} (tune.json has every candidate)\n")
+    return head + dump({"_base_": base, **cfg})
 
 
 def run(args) -> int:
@@ -80,11 +95,7 @@ def run(args) -> int:
     atomic_write_json(out / "tune.json", {"config": args.config, "seeds": args.seeds,
                                           "val_fraction": args.val_fraction, "selection": "mean last-epoch val top-1",
                                           "candidates": candidates, "chosen": best})
-    chosen = {}
-    for item in best["overrides"]:
-        k, v = item.split("=", 1)
-        chosen[k] = json.loads(v)
-    atomic_write_text(out / "chosen.yaml", f"# chosen by lsskd tune on a {args.val_fraction:.0%} held-out split\n"
-                      + dump(chosen))
-    print(f"tune: chose {best['group']} (mean val top-1 {best['mean_val_top1']:.2f}); see {out / 'chosen.yaml'}")
+    atomic_write_text(out / "chosen.yaml", chosen_config(args, best, out))
+    print(f"tune: chose {best['group']} (mean val top-1 {best['mean_val_top1']:.2f}); "
+          f"train it on the whole training set with: lsskd train --config {out / 'chosen.yaml'}")
     return 0 if len(done) == len(candidates) else 1
