@@ -7,10 +7,11 @@ from lsskd.cli import main
 from lsskd.config import build_config
 
 
+# --jobs 2: the two candidates train side by side as `python -m lsskd train` subprocesses
 def test_tune_picks_best_on_validation_split(tmp_path, cifar_root, capsys):
     out = tmp_path / "tune"
     rc = main(["tune", "--config", "configs/quickstart_cifar.yaml", "--out-root", str(out),
-               "--grid", "optim.lr=[0.0,0.1]", f"data.root={cifar_root}", "data.per_class=3",
+               "--grid", "optim.lr=[0.0,0.1]", "--jobs", "2", f"data.root={cifar_root}", "data.per_class=3",
                "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=32",
                "train.progress=false", "train.tensorboard=false", "train.eval_batch_size=512"])
     assert rc == 0

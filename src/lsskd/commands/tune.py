@@ -5,7 +5,8 @@ same and never touches the test set: every candidate trains on the remaining 90%
 ``data.val_fraction`` set and ``data.eval_on=val``. The winner (highest mean last-epoch
 validation top-1 over the seeds) is written to ``<out-root>/chosen.yaml``, a config file
 that trains it on the whole training set (``lsskd train --config <out-root>/chosen.yaml``),
-with every candidate's score in ``<out-root>/tune.json``.
+with every candidate's score in ``<out-root>/tune.json``. Runs are those of ``lsskd sweep``:
+finished candidates are skipped, interrupted ones resumed, ``--jobs N`` trains N at once.
 
     lsskd tune --config configs/cpu/c100_resnet8_lsskd.yaml --out-root results/tune \\
         --grid method.gamma=[0,0.1] --grid method.beta=[0.5,1.0] train.epochs=15
@@ -30,6 +31,8 @@ def add_parser(sub):
                    help="a key and its candidate values; repeat for a product grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="candidates trained at once, as `python -m lsskd train` subprocesses (as in sweep)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("overrides", nargs="*", help="fixed overrides for every candidate")
     return p
@@ -63,6 +66,8 @@ def chosen_config(args, best: dict, out: Path) -> str:
 
 
 def run(args) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"tune: --jobs must be >= 1, got {args.jobs}")
     if not 0.0 < args.val_fraction < 1.0:
         raise ConfigError(f"tune: --val-fraction must be in (0, 1), got {args.val_fraction}")
     for item in args.overrides:
@@ -71,7 +76,7 @@ def run(args) -> int:
     grid = parse_grid(args.grid)
     fixed = [*args.overrides, f"data.val_fraction={args.val_fraction}", "data.eval_on=val"]
     specs = expand([args.config], args.seeds, args.out_root, fixed, grid)
-    results = run_sweep(specs, dry_run=args.dry_run)
+    results = run_sweep(specs, jobs=args.jobs, dry_run=args.dry_run)
     print(format_table(results))
     if args.dry_run:
         return 0
