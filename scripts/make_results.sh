@@ -49,3 +49,17 @@ done
 if [ -d results/overfit/c10-e60 ] && [ -d results/overfit/c10-e120 ]; then
   lsskd report results/overfit/c10-e60 results/overfit/c10-e120 --out results/overfit/budget
 fi
+# the same cell with a quarter of its training data (250 images), 120 epochs; with the
+# full-data runs: accuracy_vs_fraction.png
+collect runs/explore/c10e120f25 results/overfit/c10-e120-f25
+if [ -d results/overfit/c10-e120-f25 ]; then
+  lsskd report results/overfit/c10-e120-f25 --out results/overfit/c10-e120-f25
+  lsskd report results/overfit/c10-e120-f25 results/overfit/c10-e120/ce results/overfit/c10-e120/lsskd_robust \
+      --out results/overfit/fraction
+fi
+# held-out choice of alpha_T and kl_weight in that cell (lsskd tune, 20% held out; val top-1 only)
+collect runs/tune-overfit results/tune-overfit
+for f in tune.json chosen.yaml; do
+  if [ -f runs/tune-overfit/$f ]; then cp runs/tune-overfit/$f results/tune-overfit/; fi
+done
+if [ -d results/tune-overfit ]; then lsskd report results/tune-overfit --out results/tune-overfit; fi
