@@ -41,3 +41,16 @@ def test_tune_rejects_test_set_overrides(tmp_path, capsys):
                "--grid", "optim.lr=[0.1]", "data.eval_on=test"])
     assert rc == 2
     assert "data.eval_on" in capsys.readouterr().err
+
+
+def test_behind_best_pairs_seeds_and_flags_what_noise_cannot_separate():
+    from lsskd.commands.tune import behind_best
+
+    best = {"group": "a", "val_top1": [64.5, 66.0]}
+    tied = {"group": "b", "val_top1": [63.5, 67.0]}  # -1, +1 by seed: level on average
+    worse = {"group": "c", "val_top1": [55.0, 57.0]}  # 9.5 behind, 0.5 apart
+    one = [{"group": "x", "val_top1": [70.0]}, {"group": "y", "val_top1": [69.0]}]
+    assert behind_best([best, tied, worse], best) == ["b"]
+    assert tied["behind_best"] == {"mean": 0.0, "se": 1.0}  # deficits +1, -1: std sqrt(2) / sqrt(2)
+    assert worse["behind_best"] == {"mean": 9.25, "se": 0.25}  # deficits 9.5, 9.0
+    assert behind_best(one, one[0]) == ["y"] and one[1]["behind_best"] == {"mean": 1.0, "se": None}

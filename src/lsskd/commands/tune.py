@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from statistics import mean
+from math import sqrt
+from statistics import mean, stdev
 
 from ..config import ConfigError, dump, nest_overrides, parse_override
 from ..engine.checkpoint import atomic_write_json, atomic_write_text
@@ -48,6 +49,24 @@ def parse_grid(items) -> dict:
     if not grid:
         raise ConfigError("tune: give at least one --grid KEY=[values]")
     return grid
+
+
+def behind_best(candidates: list, best: dict) -> list:
+    """Sets ``behind_best`` = {mean, se} on each other candidate: its per-seed deficit to the
+    winner, paired by seed (se = std / sqrt(seeds), None with one seed). Every candidate is
+    scored on the same held-out images, so what separates two of them is training noise,
+    which only the seeds measure. Returns the groups the seeds cannot tell from the winner
+    (deficit within two standard errors, or one seed only)."""
+    close = []
+    for c in candidates:
+        if c is best:
+            continue
+        d = [b - x for b, x in zip(best["val_top1"], c["val_top1"])]
+        se = stdev(d) / sqrt(len(d)) if len(d) > 1 else None
+        c["behind_best"] = {"mean": mean(d), "se": se}
+        if se is None or mean(d) <= 2 * se:
+            close.append(c["group"])
+    return close
 
 
 def chosen_config(args, best: dict, out: Path) -> str:
@@ -95,11 +114,21 @@ def run(args) -> int:
     if not done:
         print("tune: no candidate finished; nothing chosen")
         return 1
-    best = max(done, key=lambda c: c["mean_val_top1"])
+    best = max(done, key=lambda c: c["mean_val_top1"])  # ties: the first in grid order
+    close = behind_best(done, best)
     out = Path(args.out_root)
     atomic_write_json(out / "tune.json", {"config": args.config, "seeds": args.seeds,
                                           "val_fraction": args.val_fraction, "selection": "mean last-epoch val top-1",
-                                          "candidates": candidates, "chosen": best})
+                                          "candidates": candidates, "chosen": best,
+                                          "within_noise_of_chosen": close})
+    for c in done:
+        if c is not best:
+            b = c["behind_best"]
+            se = f" ± {b['se']:.2f}" if b["se"] is not None else " (one seed: no noise estimate)"
+            print(f"  {c['group']}: {b['mean']:.2f}{se} below the winner, paired by seed")
+    if close:
+        print(f"tune: the seeds cannot tell {', '.join(close)} from the winner (within two standard "
+              "errors); more --seeds or a larger --val-fraction would, before the choice is trusted")
     atomic_write_text(out / "chosen.yaml", chosen_config(args, best, out))
     print(f"tune: chose {best['group']} (mean val top-1 {best['mean_val_top1']:.2f}); "
           f"train it on the whole training set with: lsskd train --config {out / 'chosen.yaml'}")
