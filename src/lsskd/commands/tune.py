@@ -128,7 +128,7 @@ def run(args) -> int:
             print(f"  {c['group']}: {b['mean']:.2f}{se} below the winner, paired by seed")
     if close:
         print(f"tune: the seeds cannot tell {', '.join(close)} from the winner (within two standard "
-              "errors); more --seeds or a larger --val-fraction would, before the choice is trusted")
+              "errors): add --seeds (or a larger --val-fraction) before trusting the choice")
     atomic_write_text(out / "chosen.yaml", chosen_config(args, best, out))
     print(f"tune: chose {best['group']} (mean val top-1 {best['mean_val_top1']:.2f}); "
           f"train it on the whole training set with: lsskd train --config {out / 'chosen.yaml'}")
