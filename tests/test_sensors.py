@@ -222,6 +222,24 @@ def test_group_split_errors():
     assert tr.tolist() and va.tolist() and sorted(tr.tolist() + va.tolist()) == [0, 1, 2, 3]
 
 
+def test_hapt_train_subjects_keeps_only_those_people(hapt_bundle, hapt_raw):
+    b = build_data(_hapt_cfg(train_subjects=[5, 1, 3]))
+    subj = hapt_raw["subject"]
+    assert set(subj[b.train.source_index.numpy()].tolist()) == {1, 3, 5}
+    assert b.info["train_subjects"] == [1, 3, 5]
+    # 336 + 329 + 290 basic-activity windows of subjects 1, 3 and 5; the test set is untouched
+    assert len(b.train) == 955
+    assert torch.equal(b.test.source_index, hapt_bundle.test.source_index)
+    # normalisation is fitted on the kept subjects only
+    assert not np.allclose(b.mean, hapt_bundle.mean)
+    with pytest.raises(DataError, match=r"data.train_subjects \[2\] are test subjects"):
+        build_data(_hapt_cfg(train_subjects=[1, 2]))
+    with pytest.raises(DataError, match=r"data.train_subjects \[31\] are not training subjects"):
+        build_data(_hapt_cfg(train_subjects=[31]))
+    with pytest.raises(DataError, match="list of subject ids"):
+        build_data(_hapt_cfg(train_subjects=["one"]))
+
+
 def test_hapt_all_activities_and_bad_values(tmp_path):
     b = DATASETS.build("hapt", _hapt_cfg(activities="all"))
     assert len(b.classes) == 12 and len(b.train) + len(b.test) == 10361

@@ -42,6 +42,7 @@ DEFAULTS: Dict[str, Any] = {
         "mean": [],  # [] = the dataset's own statistics
         "std": [],
         "activities": "basic",  # hapt: basic (6 activities, labels 0..5) | all (12, with transitions)
+        "train_subjects": [],  # hapt/uci_har: keep only these training subjects ([] = all 21)
         "augment": {
             "crop_padding": 4,
             "flip": True,

@@ -48,11 +48,28 @@ def _check_finite(x: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: {bad} non-finite sensor value(s) (NaN/inf); clean or drop those windows")
 
 
+def _train_subjects(cfg: Dict) -> List[int]:
+    keep = cfg.get("train_subjects", []) or []
+    if not isinstance(keep, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in keep):
+        raise DataError(f"data.train_subjects must be a list of subject ids (integers), got {keep!r}")
+    return sorted(set(keep))
+
+
 def _bundle(x: np.ndarray, y: np.ndarray, subject: np.ndarray, classes: List[str], name: str,
-            channels: Sequence[str], info: Dict) -> DataBundle:
-    """Subject split, channels-first float32 tensors, train-only normalisation statistics."""
+            channels: Sequence[str], info: Dict, train_subjects: Sequence[int] = ()) -> DataBundle:
+    """Subject split, channels-first float32 tensors, train-only normalisation statistics.
+    ``train_subjects`` (non-empty) keeps only those training subjects; the test subjects
+    stay the standard ones, so fewer training subjects means a model that sees fewer
+    people and over-fits them (issue 18's sensor cell)."""
     test_mask = np.isin(subject, TEST_SUBJECTS)
     tr, te = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+    if len(train_subjects):
+        present = set(subject[tr].tolist())
+        bad = [s for s in train_subjects if s not in present]
+        if bad:
+            why = "test subjects of the standard split" if set(bad) <= set(TEST_SUBJECTS) else "not training subjects here"
+            raise DataError(f"{name}: data.train_subjects {bad} are {why} (training subjects: {sorted(present)})")
+        tr = tr[np.isin(subject[tr], list(train_subjects))]
     if not len(tr) or not len(te):
         raise DataError(f"{name}: the standard subject split leaves an empty "
                         f"{'train' if not len(tr) else 'test'} set (subjects {sorted(set(subject.tolist()))})")
@@ -110,7 +127,8 @@ def hapt_dataset(cfg: Dict) -> DataBundle:
         keep = y < NUM_BASIC
         x, y, subject = x[keep], y[keep], subject[keep]
         classes = HAPT_CLASSES[:NUM_BASIC]
-    bundle = _bundle(x, y, subject, classes, str(path), channels, {"file": str(path), "activities": mode})
+    bundle = _bundle(x, y, subject, classes, str(path), channels, {"file": str(path), "activities": mode},
+                     _train_subjects(cfg))
     if mode == "basic":
         # Row provenance in the .npz, not in the filtered arrays.
         rows = torch.from_numpy(np.flatnonzero(keep))
@@ -200,7 +218,8 @@ def uci_har_dataset(cfg: Dict) -> DataBundle:
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     subject = np.concatenate([p[2] for p in parts])
-    bundle = _bundle(x, y, subject, classes, str(root), UCI_HAR_SIGNALS, {"root": str(root)})
+    bundle = _bundle(x, y, subject, classes, str(root), UCI_HAR_SIGNALS, {"root": str(root)},
+                     _train_subjects(cfg))
     official_test = set(parts[1][2].tolist())
     if set(bundle.info["test_subjects"]) != official_test:
         raise DataError(f"{root}: test/ holds subjects {sorted(official_test)}, not the standard "
