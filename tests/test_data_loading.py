@@ -183,3 +183,27 @@ def test_greyscale_and_palette_images_become_three_equal_channels(tmp_path):
     assert b.train.x.shape == (4, 3, 4, 4)
     assert b.train.x[0].unique().tolist() == [40] and b.train.x[2].unique().tolist() == [200]
     assert b.train.x[1, :, 0, 0].tolist() == [40, 20, 7]
+
+
+def test_flip_is_on_by_default_and_data_augment_flip_false_turns_it_off(tmp_path):
+    """docs/data.md: horizontal flip is on by default; data.augment.flip=false turns it off
+    in the trainer's augmentation (here with crops off, so only a flip could change x)."""
+    from lsskd.config import build_config
+    from lsskd.engine.trainer import Trainer
+
+    root = make_folder(tmp_path / "f", size=(8, 8))
+    common = [f"out_dir={tmp_path / 'run'}", "data.name=folder", f"data.root={root}", "data.cache_dir=none",
+              "data.augment.crop_padding=0", "model.name=resnet8", "train.device=cpu",
+              "train.progress=false", "train.tensorboard=false", "train.batch_size=4"]
+    assert DEFAULTS["data"]["augment"]["flip"] is True
+    x = build_data(data_cfg(root=str(root))).train.x
+    flipped = {}
+    for flag in ([], ["data.augment.flip=false"]):
+        tr = Trainer(build_config(None, common + flag))
+        out, _ = tr.aug(x, torch.Generator().manual_seed(0))
+        plain = tr.aug.normalize(x)
+        same = [torch.equal(o, p) for o, p in zip(out, plain)]
+        mirrored = [torch.equal(o, p.flip(-1)) for o, p in zip(out, plain)]
+        assert all(s or m for s, m in zip(same, mirrored))
+        flipped[bool(flag)] = sum(m and not s for s, m in zip(same, mirrored))
+    assert flipped[False] > 5 and flipped[True] == 0  # 27 images, each flipped with p = 1/2
