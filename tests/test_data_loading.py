@@ -207,3 +207,34 @@ def test_flip_is_on_by_default_and_data_augment_flip_false_turns_it_off(tmp_path
         assert all(s or m for s, m in zip(same, mirrored))
         flipped[bool(flag)] = sum(m and not s for s, m in zip(same, mirrored))
     assert flipped[False] > 5 and flipped[True] == 0  # 27 images, each flipped with p = 1/2
+
+
+_OLD_TINY = "test-tiny-decode-everything"
+
+
+@DATASETS.register(_OLD_TINY)
+def _tiny_decode_everything(cfg):
+    """Yesterday's Tiny-ImageNet factory: decode every listed file, subset afterwards."""
+    from lsskd.data.folder import load_items
+    from lsskd.data.tiny_imagenet import list_tiny_imagenet
+
+    folder = Path(cfg["root"])
+    classes, _, train_items, val_items = list_tiny_imagenet(folder)
+    return DataBundle(load_items(train_items, classes, None, "none", f"tiny_imagenet:{folder}/train"),
+                      load_items(val_items, classes, None, "none", f"tiny_imagenet:{folder}/val"))
+
+
+@pytest.mark.parametrize("subset", [{"classes": ["n03", "n01"], "per_class": 1, "subset_seed": 3},
+                                    {"classes": 2, "train_fraction": 0.5}])
+def test_tiny_imagenet_subset_before_decoding_equals_subset_after(tmp_path, subset):
+    from test_data_sources import make_tiny
+
+    folder = make_tiny(tmp_path / "tiny-imagenet-200")
+    new = build_data(data_cfg(name="tiny_imagenet", root=str(folder), **subset))
+    old = build_data(data_cfg(name=_OLD_TINY, root=str(folder), **subset))
+    assert new.classes == old.classes
+    for split in ("train", "test"):
+        a, b = getattr(new, split), getattr(old, split)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.source_index, b.source_index)
+    descriptions = {"n01": "goldfish, Carassius auratus", "n02": "cat", "n03": "dog"}
+    assert new.info["class_descriptions"] == [descriptions[c] for c in new.classes]
