@@ -147,9 +147,14 @@ def test_decode_workers(monkeypatch):
         folder_mod.decode_workers(10)
 
 
-def test_progress_bar_and_cache_line_on_stderr(tmp_path, capsys):
+def test_progress_bar_and_cache_line_on_stderr(tmp_path, capsys, monkeypatch):
     root = make_folder(tmp_path / "f")
     cache = tmp_path / "cache"
+    # not a terminal (a log, a pipe): no bar, so an error stays one line; the cache line shows
+    build_data(data_cfg(root=str(root), cache_dir=str(tmp_path / "c0"), progress=True))
+    out, err = capsys.readouterr()
+    assert out == "" and "decoding" not in err and err.count("cache written to") == 2
+    monkeypatch.setattr(folder_mod, "_stderr_is_terminal", lambda: True)
     build_data(data_cfg(root=str(root), cache_dir=str(cache), progress=True))
     out, err = capsys.readouterr()
     assert out == ""

@@ -119,11 +119,12 @@ def _decode_chunk(paths: List[Path], size) -> List[np.ndarray]:
 def decode_images(paths: Sequence[Path], size: Optional[Tuple[int, int]] = None, progress: bool = False,
                   desc: str = "decoding", workers: Optional[int] = None) -> List[np.ndarray]:
     """Decode ``paths`` in order (same arrays as :func:`decode_image` one by one), in chunks
-    spread over ``workers`` threads, with a progress bar on stderr when ``progress``."""
+    spread over ``workers`` threads, with a progress bar when ``progress`` and stderr is a
+    terminal (in a log file or a pipe a bar is noise, and it would split a one-line error)."""
     paths = list(paths)
     workers = decode_workers(len(paths)) if workers is None else max(1, workers)
     bar = None
-    if progress:
+    if progress and _stderr_is_terminal():
         from tqdm import tqdm
 
         bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -147,6 +148,13 @@ def decode_images(paths: Sequence[Path], size: Optional[Tuple[int, int]] = None,
         if bar is not None:
             bar.close()
     return out
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def _human_bytes(n: float) -> str:
