@@ -248,7 +248,12 @@ def test_predict_errors(ckpt, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     assert main(["predict", "--model", str(out), str(bad)]) == 2
-    assert f"cannot read image {bad}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot read image {bad}" in err and len(err.strip().splitlines()) == 1
+    assert main(["predict", "--model", str(out), str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "skipped 2 of 2 file(s) that could not be read:" and len(err) == 4
+    assert err[-1].endswith("none of the 2 input files could be read (listed above)")
     assert main(["predict", "--model", str(out), str(tmp_path / "missing.png")]) == 2
     assert "input not found" in capsys.readouterr().err
     # Metadata from another export: the checksum no longer matches.

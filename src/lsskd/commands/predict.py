@@ -41,12 +41,14 @@ def run(args) -> int:
         preds = deploy.predict(runner, meta, files, args.topk, args.batch_size, skipped=skipped)
     except deploy.ExportError as e:
         raise CLIError(str(e)) from None
+    if skipped and not preds and len(skipped) == 1:
+        raise DataError(skipped[0][1])  # the only input: a plain one-line error
     if skipped:
         print(f"skipped {len(skipped)} of {len(files)} file(s) that could not be read:", file=sys.stderr)
         for _, why in skipped:
             print(f"  {why}", file=sys.stderr)
         if not preds:
-            raise DataError(f"none of the {len(files)} input file(s) could be read")
+            raise DataError(f"none of the {len(files)} input files could be read (listed above)")
     doc = {"model": args.model or args.checkpoint, "backend": runner.kind, "topk": args.topk,
            "predictions": preds, "skipped": [{"file": f, "error": why} for f, why in skipped]}
     if args.json == "-":
