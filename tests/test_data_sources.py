@@ -453,9 +453,6 @@ def test_tiny_imagenet_errors(tmp_path):
     cfg = data_cfg(name="tiny_imagenet", root=str(folder), cache_dir="none")
     ann = folder / "val" / "val_annotations.txt"
     text = ann.read_text()
-    ann.write_text(text + "val_9.JPEG\tn99\t0\t0\t1\t1\n")
-    with pytest.raises(DataError, match=r"val_annotations.txt:6: class 'n99' is not in wnids.txt"):
-        DATASETS.build("tiny_imagenet", cfg)
     ann.write_text(text + "val_9.JPEG\tn01\t0\t0\t1\t1\n")
     with pytest.raises(DataError, match=r"val_annotations.txt:6: image file missing: .*val_9.JPEG"):
         DATASETS.build("tiny_imagenet", cfg)
@@ -465,6 +462,32 @@ def test_tiny_imagenet_errors(tmp_path):
         DATASETS.build("tiny_imagenet", cfg)
     with pytest.raises(DataError, match="no Tiny-ImageNet data"):
         DATASETS.build("tiny_imagenet", data_cfg(root=str(tmp_path / "none")))
+    ann.write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n")  # only lines of absent classes
+    with pytest.raises(DataError, match="lists no validation images of the classes in wnids.txt"):
+        DATASETS.build("tiny_imagenet", cfg)
+
+
+def test_tiny_imagenet_few_class_copy_ignores_other_annotation_lines(tmp_path, capsys):
+    """A copy with fewer classes keeps the full val_annotations.txt (and maybe not the
+    other classes' images): their lines are skipped, counted and reported in one line."""
+    import shutil
+
+    folder = make_tiny(tmp_path / "t")
+    ann = folder / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text() + "val_7.JPEG\tn98\t0\t0\t1\t1\nval_8.JPEG\tn99\t0\t0\t1\t1\n"
+                   "val_9.JPEG\tn99\t0\t0\t1\t1\n")
+    # drop class n03 from the copy: wnids.txt, train folder and its val image (val_0)
+    (folder / "wnids.txt").write_text("n02\nn01\n")
+    shutil.rmtree(folder / "train" / "n03")
+    (folder / "val" / "images" / "val_0.JPEG").unlink()
+    capsys.readouterr()
+    b = build_data(data_cfg(name="tiny_imagenet", root=str(folder), cache_dir="none"))
+    err = capsys.readouterr().err
+    notes = [ln for ln in err.splitlines() if "ignored" in ln]
+    assert len(notes) == 1
+    assert "ignored 4 lines of 3 classes not in wnids.txt (n03, n98, n99)" in notes[0]
+    assert b.classes == ["n01", "n02"] and b.test.y.tolist() == [0, 1, 0, 1]
+    assert b.info["class_descriptions"] == ["goldfish, Carassius auratus", "cat"]
 
 
 # ---------------------------------------------------------------- digits

@@ -248,7 +248,12 @@ def test_predict_errors(ckpt, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     assert main(["predict", "--model", str(out), str(bad)]) == 2
-    assert f"cannot read image {bad}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot read image {bad}" in err and len(err.strip().splitlines()) == 1
+    assert main(["predict", "--model", str(out), str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "skipped 2 of 2 file(s) that could not be read:" and len(err) == 4
+    assert err[-1].endswith("none of the 2 input files could be read (listed above)")
     assert main(["predict", "--model", str(out), str(tmp_path / "missing.png")]) == 2
     assert "input not found" in capsys.readouterr().err
     # Metadata from another export: the checksum no longer matches.
@@ -363,3 +368,136 @@ def test_backbone_exports(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(set(MODELS.names()) - set(_FAST)))
 def test_backbone_exports_all(name, tmp_path):
     _check_model_exports(name, tmp_path)
+
+
+# ---------------------------------------------------------------- the deploy package's one reader
+
+def test_export_reads_the_checkpoint_once_and_the_data_once(ckpt, tmp_path, monkeypatch, capsys):
+    """`lsskd export` with test parity inputs and --int8: one checkpoint read (and checksum
+    verification), one dataset build, shared by the parity check and the calibration."""
+    import lsskd.data
+    import lsskd.engine.evaluation as evaluation
+
+    reads, builds = [], []
+    real_load, real_build = evaluation.load_checkpoint, lsskd.data.build_data
+    monkeypatch.setattr(evaluation, "load_checkpoint", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(lsskd.data, "build_data", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--parity-images", "16",
+                 "--int8", "--calib-images", "32", "--eval-images", "64"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert len(reads) == 1 and len(builds) == 1
+    assert rep["parity"]["n"] == 16 and rep["parity"]["max_abs_diff"] <= 1e-4
+    assert rep["int8"]["calibration_images"] == 32 and rep["int8"]["test_images"] == 64
+    qmeta = json.loads((tmp_path / "m.int8.onnx.json").read_text())
+    assert qmeta["sha256"] == hashlib.sha256((tmp_path / "m.int8.onnx").read_bytes()).hexdigest()
+    assert "parity" not in qmeta and qmeta["quantization"]["top1_int8"] == rep["int8"]["top1_int8"]
+    _no_temp_files(tmp_path)
+
+
+def test_read_run_is_shared_and_builds_data_once(ckpt, monkeypatch):
+    import lsskd.data
+
+    builds = []
+    real_build = lsskd.data.build_data
+    monkeypatch.setattr(lsskd.data, "build_data", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    run = deploy.read_run(ckpt)
+    assert deploy.read_run(run) is run
+    dep = deploy.load_deployed(run)
+    x = deploy.parity_inputs(run, dep, 8)
+    method, cfg, bundle = deploy.load_training_method(run)
+    assert len(builds) == 1 and bundle is run.bundle() and cfg is run.config
+    with torch.no_grad():
+        assert torch.equal(method.deploy()(x), dep.model(x))
+
+
+def test_backbone_helper(ckpt):
+    st = torch.load(ckpt, weights_only=True)
+    w = deploy.backbone_weights(st["method"])
+    assert w and all(f"backbone.{k}" in st["method"] for k in w)
+    assert set(w) == set(build_model("resnet8", 100).state_dict())
+    with pytest.raises(CheckpointError, match="teacher t.pt's method state has no 'backbone"):
+        deploy.backbone_weights({"head.weight": torch.zeros(1)}, "teacher t.pt")
+    cfg = deploy.read_run(ckpt).config
+    wrong = dict(cfg, model={"name": "resnet20", "kwargs": {}})
+    with pytest.raises(CheckpointError, match=r"checkpoint x: backbone weights do not fit model 'resnet20'"):
+        deploy.extract_backbone(wrong, st["method"], 100, "checkpoint x")
+
+
+def test_predict_skips_unreadable_files(ckpt, cifar_root, tmp_path, capsys):
+    """One unreadable file no longer aborts the batch: the rest are predicted, the skipped
+    ones are listed on stderr (and in the JSON), and the exit status is 1."""
+    (good1, _), (good2, _), _ = _test_pngs(cifar_root)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    files = [str(good1), str(bad), str(good2), str(empty)]
+    js = tmp_path / "p.json"
+    assert main(["predict", "--checkpoint", str(ckpt), *files, "--batch-size", "2", "--json", str(js)]) == 1
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [str(good1), str(good2)]
+    assert "skipped 2 of 4 file(s)" in err
+    assert f"cannot read image {bad}" in err and f"cannot read image {empty}" in err
+    doc = json.loads(js.read_text())
+    assert [p["file"] for p in doc["predictions"]] == [str(good1), str(good2)]
+    assert [s["file"] for s in doc["skipped"]] == [str(bad), str(empty)]
+    # the same predictions as without the bad files
+    assert main(["predict", "--checkpoint", str(ckpt), str(good1), str(good2), "--json", "-"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert clean["predictions"] == doc["predictions"] and clean["skipped"] == []
+    # JSON on stdout stays valid JSON; the list goes to stderr
+    assert main(["predict", "--checkpoint", str(ckpt), str(bad), str(good1), "--json", "-"]) == 1
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["predictions"]) == 1 and "skipped 1 of 2" in err
+    # the library call without a skipped list still raises on the first bad file
+    runner, meta = deploy.open_model(ckpt)
+    with pytest.raises(DataError, match="cannot read image"):
+        deploy.predict(runner, meta, [good1, bad])
+
+
+def _tiny_folder(root: Path) -> Path:
+    from PIL import Image
+
+    wnids = {"n01": (200, 30, 30), "n02": (30, 200, 30), "n03": (30, 30, 200)}
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "words.txt").write_text("n00\tentity\nn01\tgoldfish, Carassius auratus\nn02\ttabby, tabby cat\n")
+    ann = []
+    for w, colour in wnids.items():
+        (root / "train" / w / "images").mkdir(parents=True)
+        for k in range(4):
+            Image.new("RGB", (16, 16), colour).save(root / "train" / w / "images" / f"{w}_{k}.JPEG")
+        Image.new("RGB", (16, 16), colour).save(root / "val" / "images" / f"val_{w}.JPEG")
+        ann.append(f"val_{w}.JPEG\t{w}\t0\t0\t1\t1")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    return root
+
+
+def test_predict_shows_tiny_imagenet_words(tmp_path, capsys):
+    folder = _tiny_folder(tmp_path / "tiny-imagenet-200")
+    cfg = build_config(None, [
+        f"out_dir={tmp_path / 'run'}", "data.name=tiny_imagenet", f"data.root={folder}", "data.cache_dir=none",
+        "model.name=resnet8", "method.name=ce", "train.epochs=1", "train.batch_size=4",
+        "train.progress=false", "train.tensorboard=false", "train.device=cpu"])
+    Trainer(cfg).save(0, 0)
+    ck = tmp_path / "run" / "last.pt"
+    dep = deploy.load_deployed(ck)
+    words = ["goldfish, Carassius auratus", "tabby, tabby cat", "n03"]  # n03 has no line: its wnid
+    assert dep.classes == ["n01", "n02", "n03"] and dep.descriptions == words
+    img = folder / "val" / "images" / "val_n01.JPEG"
+    assert main(["predict", "--checkpoint", str(ck), str(img), "--topk", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    for c, w in zip(dep.classes, words):
+        assert f"{c} ({w}) " in line
+    out = tmp_path / "m.onnx"
+    meta = deploy.export(dep, "onnx", out)
+    assert meta["class_descriptions"] == words
+    assert main(["predict", "--model", str(out), str(img), "--json", "-", "--topk", "3"]) == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["topk"]
+    assert {t["class"]: t["description"] for t in top} == dict(zip(dep.classes, words))
+    # no words for other datasets: a CIFAR-style run shows class names only
+    assert deploy.class_descriptions({"classes": ["a"], "config": {"data": {"name": "folder"}}}) is None
+    (folder / "words.txt").unlink()
+    assert deploy.load_deployed(ck).descriptions is None

@@ -33,12 +33,17 @@ def run(args) -> int:
     from .. import deploy
     from ..cli import CLIError
 
-    dep = deploy.load_deployed(args.checkpoint, weights_only=not args.unsafe_load)
+    # One read of the checkpoint (verified once); the run's data is built at most once,
+    # for the parity inputs and the int8 calibration together.
+    run = deploy.read_run(args.checkpoint, args.overrides, weights_only=not args.unsafe_load)
+    dep = deploy.load_deployed(run)
     out = Path(args.out) if args.out else deploy.default_export_path(args.checkpoint, args.format)
+    if args.int8 and args.format != "onnx":
+        raise CLIError("--int8 needs --format onnx")
     parity_x, source = None, ""
     if args.parity_images > 0:
         if args.parity_inputs == "test":
-            parity_x = deploy.parity_inputs(args.checkpoint, dep, args.parity_images, args.overrides)
+            parity_x = deploy.parity_inputs(run, dep, args.parity_images)
             source = f"{len(parity_x)} evenly spaced test inputs of {dep.config['data']['name']}"
         else:
             parity_x = torch.randn(args.parity_images, *dep.input_shape, generator=torch.Generator().manual_seed(0))
@@ -51,24 +56,19 @@ def run(args) -> int:
               "bytes": meta["bytes"], "sha256": meta["sha256"], "params": meta["params"],
               "parity": meta.get("parity")}
     if args.int8:
-        if args.format != "onnx":
-            raise CLIError("--int8 needs --format onnx")
-        report["int8"] = _int8(args, dep, out)
+        report["int8"] = _int8(args, run, dep, out)
     print(json.dumps(report, indent=2))
     return 0
 
 
-def _int8(args, dep, out: Path) -> dict:
+def _int8(args, run, dep, out: Path) -> dict:
     import torch
 
     from .. import deploy
     from ..cli import CLIError
-    from ..data import build_data
     from ..engine.checkpoint import atomic_write_json
-    from ..engine.evaluation import load_trained
 
-    cfg, _ = load_trained(args.checkpoint, args.overrides)
-    bundle = build_data(cfg["data"])
+    bundle = run.bundle()
     g = torch.Generator().manual_seed(0)
     # A random subset: the training set is stored class by class.
     pick = torch.randperm(len(bundle.train), generator=g)[: args.calib_images]

@@ -21,29 +21,43 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    import sys
+
     import torch
 
     from .. import deploy
     from ..cli import CLIError
+    from ..data.base import DataError
     from ..engine.checkpoint import atomic_write_json
 
     if args.topk < 1:
         raise CLIError(f"--topk must be >= 1, got {args.topk}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    skipped = []  # (file, reason): unreadable files do not stop the others
     try:
         runner, meta = deploy.open_model(args.checkpoint, args.model, not args.unsafe_load, args.threads)
         files = deploy.collect_files(args.inputs, meta.get("modality", "image"))
-        preds = deploy.predict(runner, meta, files, args.topk, args.batch_size)
+        preds = deploy.predict(runner, meta, files, args.topk, args.batch_size, skipped=skipped)
     except deploy.ExportError as e:
         raise CLIError(str(e)) from None
+    if skipped and not preds and len(skipped) == 1:
+        raise DataError(skipped[0][1])  # the only input: a plain one-line error
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} file(s) that could not be read:", file=sys.stderr)
+        for _, why in skipped:
+            print(f"  {why}", file=sys.stderr)
+        if not preds:
+            raise DataError(f"none of the {len(files)} input files could be read (listed above)")
     doc = {"model": args.model or args.checkpoint, "backend": runner.kind, "topk": args.topk,
-           "predictions": preds}
+           "predictions": preds, "skipped": [{"file": f, "error": why} for f, why in skipped]}
     if args.json == "-":
         print(json.dumps(doc, indent=2))
-        return 0
-    for p in preds:
-        print(f"{p['file']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in p["topk"]))
-    if args.json:
-        atomic_write_json(args.json, doc)
-    return 0
+    else:
+        for p in preds:
+            print(f"{p['file']}: " + ", ".join(
+                f"{t['class']}{' (' + t['description'] + ')' if 'description' in t else ''} {t['prob']:.3f}"
+                for t in p["topk"]))
+        if args.json:
+            atomic_write_json(args.json, doc)
+    return 1 if skipped else 0

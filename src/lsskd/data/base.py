@@ -59,11 +59,8 @@ class ArrayDataset:
     def select_classes(self, keep: Sequence[int]) -> "ArrayDataset":
         """Only the samples of classes ``keep`` (old indices), relabelled 0..len(keep)-1
         in the order given."""
-        remap = torch.full((len(self.classes),), -1, dtype=torch.long)
-        remap[torch.as_tensor(list(keep), dtype=torch.long)] = torch.arange(len(keep))
-        new = remap[self.y]
-        idx = torch.nonzero(new >= 0).flatten()
-        return ArrayDataset(self.x[idx], new[idx], [self.classes[k] for k in keep], self.name,
+        idx, new = class_selection(self.y, len(self.classes), keep)
+        return ArrayDataset(self.x[idx], new, [self.classes[k] for k in keep], self.name,
                             self.source_index[idx], None if self.groups is None else self.groups[idx])
 
 
@@ -76,6 +73,9 @@ class DataBundle:
     std: List[float] = field(default_factory=list)
     modality: str = "image"  # image | signal
     info: Dict = field(default_factory=dict)
+    # True when the factory already applied data.classes and data.train_fraction /
+    # data.per_class (to its file list, before decoding), so build_data must not again.
+    subset_applied: bool = False
 
     @property
     def classes(self) -> List[str]:
@@ -106,6 +106,46 @@ def resolve_classes(spec, classes: List[str]) -> List[int]:
     if not names:
         raise DataError("data.classes is an empty list (leave it out to keep every class)")
     return [classes.index(n) for n in names]
+
+
+def class_selection(labels: torch.Tensor, num_classes: int, keep: Sequence[int]):
+    """(positions, new labels): the samples whose label is in ``keep`` (old indices), in
+    their original order, relabelled 0..len(keep)-1 in the order of ``keep``."""
+    remap = torch.full((num_classes,), -1, dtype=torch.long)
+    remap[torch.as_tensor(list(keep), dtype=torch.long)] = torch.arange(len(keep))
+    new = remap[torch.as_tensor(labels, dtype=torch.long)]
+    idx = torch.nonzero(new >= 0).flatten()
+    return idx, new[idx]
+
+
+@dataclass
+class SubsetPlan:
+    """Which samples of a labelled list :func:`build_data` keeps, worked out from the labels
+    alone so image files can be chosen *before* they are decoded. ``positions`` index
+    the full list (ascending); ``labels`` are the new labels; ``classes`` the kept names."""
+
+    positions: torch.Tensor
+    labels: torch.Tensor
+    classes: List[str]
+
+
+def plan_subset(labels: Sequence[int] | torch.Tensor, classes: List[str], cfg: Dict,
+                train: bool = True) -> SubsetPlan:
+    """The ``data.classes`` selection and, for the training split (``train=True``), the
+    ``data.train_fraction``/``data.per_class`` draw of :func:`build_data`, applied to
+    labels only. Gives exactly the samples, order and labels that ``build_data`` gets by
+    subsetting the decoded dataset (``select_classes`` then ``stratified_indices``)."""
+    y = torch.as_tensor(labels, dtype=torch.long)
+    pos, names = torch.arange(len(y)), list(classes)
+    if cfg.get("classes", []) != []:
+        keep = resolve_classes(cfg["classes"], names)
+        pos, y = class_selection(y, len(names), keep)
+        names = [names[k] for k in keep]
+    if train and (cfg.get("per_class", 0) or cfg.get("train_fraction", 1.0) < 1.0):
+        idx = stratified_indices(y, cfg.get("train_fraction", 1.0), cfg.get("per_class", 0),
+                                 cfg.get("subset_seed", 0))
+        pos, y = pos[idx], y[idx]
+    return SubsetPlan(pos, y, names)
 
 
 def stratified_indices(

@@ -7,7 +7,7 @@ from typing import Dict
 from ..registry import DATASETS
 from .base import (DataBundle, DataError, channel_stats, group_split, resolve_classes, stratified_indices,
                    stratified_split)
-from .folder import load_class_folder
+from .folder import list_class_folder, load_selected
 
 CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
 CIFAR100_STD = [0.2673, 0.2564, 0.2762]
@@ -22,20 +22,21 @@ def _root(cfg: Dict) -> Path:
 
 @DATASETS.register("folder")
 def folder_dataset(cfg: Dict) -> DataBundle:
-    """A class-folder tree with ``train/`` and ``test/`` under ``data.root``."""
+    """A class-folder tree with ``train/`` and ``test/`` under ``data.root``. The config's
+    class subset and per-class draw pick files before anything is decoded."""
     root = _root(cfg)
     if not root.is_dir():
         raise DataError(f"data.root does not exist: {root}")
     size = int(cfg.get("image_size", 0) or 0)
     image_size = (size, size) if size else None
-    train = load_class_folder(root / "train", image_size=image_size, cache_dir=cfg.get("cache_dir", ""),
-                              name=f"{root}/train")
-    test = load_class_folder(root / "test", classes=train.classes, image_size=image_size,
-                             cache_dir=cfg.get("cache_dir", ""), name=f"{root}/test")
+    classes, train_items = list_class_folder(root / "train")
+    _, test_items = list_class_folder(root / "test", classes)
+    train = load_selected(train_items, classes, cfg, True, image_size, f"{root}/train")
+    test = load_selected(test_items, classes, cfg, False, image_size, f"{root}/test")
     if train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(f"train images {tuple(train.x.shape[1:])} and test images "
                         f"{tuple(test.x.shape[1:])} under {root} differ in size")
-    return DataBundle(train, test)
+    return DataBundle(train, test, subset_applied=True)
 
 
 def build_data(cfg: Dict) -> DataBundle:
@@ -45,13 +46,15 @@ def build_data(cfg: Dict) -> DataBundle:
     ``data.val_split=group``), and normalisation statistics
     (the dataset's own unless given)."""
     bundle: DataBundle = DATASETS.build(cfg["name"], cfg)
-    if cfg.get("classes", []) != []:
+    # Image-file datasets apply the first two steps to their file lists before decoding
+    # (bundle.subset_applied); for the others they are applied to the decoded tensors here.
+    if cfg.get("classes", []) != [] and not bundle.subset_applied:
         keep = resolve_classes(cfg["classes"], bundle.train.classes)
         bundle.train, bundle.test = bundle.train.select_classes(keep), bundle.test.select_classes(keep)
         if bundle.val is not None:
             bundle.val = bundle.val.select_classes(keep)
     train = bundle.train
-    if cfg.get("per_class", 0) or cfg.get("train_fraction", 1.0) < 1.0:
+    if (cfg.get("per_class", 0) or cfg.get("train_fraction", 1.0) < 1.0) and not bundle.subset_applied:
         idx = stratified_indices(train.y, cfg.get("train_fraction", 1.0), cfg.get("per_class", 0),
                                  cfg.get("subset_seed", 0))
         train = train.subset(idx)

@@ -11,7 +11,10 @@
 
 The official validation set is the test split (the official test set has no
 labels). Class index = position of the wnid in sorted order. Images are decoded
-and cached by :func:`lsskd.data.folder.load_items`.
+and cached by :func:`lsskd.data.folder.load_items`, after ``data.classes`` and
+``data.per_class`` have chosen the files. Annotation lines of classes missing from
+``wnids.txt`` (a few-class copy that kept the full annotation file) are skipped and
+counted in one line on stderr.
 
 The official download (``http://cs231n.stanford.edu/tiny-imagenet-200.zip``) is
 plain http, which :func:`lsskd.data.download.download` refuses, so nothing is
@@ -22,13 +25,14 @@ the checksum must come from you.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..registry import DATASETS
 from .base import DataBundle, DataError
 from .download import download, extract_folder, parse_checksum
-from .folder import IMAGE_EXTENSIONS, load_items
+from .folder import IMAGE_EXTENSIONS, load_selected
 
 FOLDER = "tiny-imagenet-200"
 ARCHIVE = "tiny-imagenet-200.zip"
@@ -106,12 +110,7 @@ def list_tiny_imagenet(folder: Path):
     classes = sorted(wnids)
     index = {w: i for i, w in enumerate(classes)}
 
-    words: Dict[str, str] = {}
-    if (folder / "words.txt").is_file():
-        for ln in _read_lines(folder / "words.txt"):
-            wnid, _, text = ln.partition("\t")
-            if wnid in index:
-                words[wnid] = text.strip()
+    words = read_words(folder, classes)
     descriptions = [words.get(w, w) for w in classes]
 
     train = []
@@ -121,6 +120,7 @@ def list_tiny_imagenet(folder: Path):
     ann = folder / "val" / "val_annotations.txt"
     val_dir = folder / "val" / "images"
     val, seen = [], set()
+    absent: Dict[str, int] = {}  # annotation lines of classes not in wnids.txt, per class
     for lineno, ln in enumerate(_read_lines(ann), 1):
         if not ln.strip():
             continue
@@ -129,7 +129,10 @@ def list_tiny_imagenet(folder: Path):
             raise DataError(f"{ann}:{lineno}: expected '<file>\\t<wnid>\\t...', got {ln!r}")
         fname, wnid = fields[0].strip(), fields[1].strip()
         if wnid not in index:
-            raise DataError(f"{ann}:{lineno}: class '{wnid}' is not in wnids.txt")
+            # A few-class copy keeps the full annotation file: its other classes' lines
+            # (and their images, present or not) are skipped, counted and reported below.
+            absent[wnid] = absent.get(wnid, 0) + 1
+            continue
         if "/" in fname or "\\" in fname or fname in ("", ".", ".."):
             raise DataError(f"{ann}:{lineno}: bad image file name {fname!r}")
         if fname in seen:
@@ -139,9 +142,42 @@ def list_tiny_imagenet(folder: Path):
         if not path.is_file():
             raise DataError(f"{ann}:{lineno}: image file missing: {path}")
         val.append((path, index[wnid]))
+    if absent:
+        names = sorted(absent)
+        print(f"note: {ann}: ignored {sum(absent.values()):,} lines of {len(names)} classes not in "
+              f"wnids.txt ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", file=sys.stderr)
     if not val:
-        raise DataError(f"{ann} lists no validation images")
+        raise DataError(f"{ann} lists no validation images of the classes in wnids.txt")
     return classes, descriptions, train, val
+
+
+def read_words(folder: Path, classes: List[str]) -> Dict[str, str]:
+    """``{wnid: description}`` from ``words.txt`` for ``classes`` (empty when the file is absent)."""
+    words: Dict[str, str] = {}
+    wanted = set(classes)
+    if (folder / "words.txt").is_file():
+        for ln in _read_lines(folder / "words.txt"):
+            wnid, _, text = ln.partition("\t")
+            if wnid in wanted:
+                words[wnid] = text.strip()
+    return words
+
+
+def class_words(data_cfg: Dict, classes: List[str]) -> Optional[List[str]]:
+    """The ``words.txt`` description of each of ``classes`` for a run whose data is
+    Tiny-ImageNet (``data_cfg`` = its ``data`` config section), or None when the dataset
+    is another one or its extracted folder (with ``words.txt``) is not at ``data.root``.
+    Classes without a line get their wnid. Reads only the text file; never extracts."""
+    if str(data_cfg.get("name", "")) not in ("tiny_imagenet", "tinyimagenet") or not data_cfg.get("root"):
+        return None
+    folder, _ = _locate(Path(str(data_cfg["root"])).expanduser())
+    if folder is None or not (folder / "words.txt").is_file():
+        return None
+    try:
+        words = read_words(folder, list(classes))
+    except DataError:
+        return None
+    return [words.get(c, c) for c in classes] if words else None
 
 
 @DATASETS.register("tiny_imagenet", "tinyimagenet")
@@ -164,12 +200,13 @@ def tiny_imagenet_dataset(cfg: Dict) -> DataBundle:
     classes, descriptions, train_items, val_items = list_tiny_imagenet(folder)
     size = int(cfg.get("image_size", 0) or 0)
     image_size = (size, size) if size else None
-    cache = cfg.get("cache_dir", "")
-    train = load_items(train_items, classes, image_size, cache, f"tiny_imagenet:{folder}/train")
-    test = load_items(val_items, classes, image_size, cache, f"tiny_imagenet:{folder}/val")
+    # data.classes / data.per_class pick the files before any is decoded
+    train = load_selected(train_items, classes, cfg, True, image_size, f"tiny_imagenet:{folder}/train")
+    test = load_selected(val_items, classes, cfg, False, image_size, f"tiny_imagenet:{folder}/val")
+    descriptions = [descriptions[classes.index(c)] for c in train.classes]
     if train.x.shape[1:] != test.x.shape[1:]:
         raise DataError(f"train images {tuple(train.x.shape[1:])} and val images "
                         f"{tuple(test.x.shape[1:])} under {folder} differ in size; set data.image_size")
     # no official normalisation statistics: build_data computes them from the train split
     return DataBundle(train, test, info={"dataset": "tiny_imagenet", "source": str(folder),
-                                         "class_descriptions": descriptions})
+                                         "class_descriptions": descriptions}, subset_applied=True)

@@ -15,7 +15,9 @@ from .trainer import build_method, evaluate, resolve_device
 
 
 def load_trained(path, overrides: List[str] | None = None, weights_only: bool = True, device="cpu"):
-    """(method, cfg, checkpoint dict) with the method's weights restored."""
+    """(cfg, checkpoint dict): the run's stored config merged over today's defaults, with
+    ``overrides`` applied, and the verified checkpoint. Builds no method and restores no
+    weights (``lsskd.deploy.load_training_method`` does)."""
     st = load_checkpoint(path, weights_only=weights_only)
     cfg = _merge(DEFAULTS, st["config"], "", strict=True)
     import_plugins(cfg["plugins"])  # a model or method of the user's own

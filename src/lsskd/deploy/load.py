@@ -1,0 +1,157 @@
+"""Reading a training run: its config and checkpoint state (read and verified once),
+the deployed backbone extracted from it, and the run's data when a check needs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data.base import DataBundle, DataError
+from ..engine.checkpoint import CheckpointError
+
+BACKBONE_PREFIX = "backbone."
+
+
+@dataclass
+class TrainedRun:
+    """One training checkpoint, read and verified once: ``config`` (the run's config
+    merged over today's defaults, with ``overrides`` applied) and ``state`` (the
+    checkpoint dict). :meth:`bundle` builds the run's data on first use and keeps it."""
+
+    checkpoint: Path
+    config: Dict
+    state: Dict
+    _bundle: Optional[DataBundle] = field(default=None, repr=False)
+
+    def bundle(self, hint: str = "") -> DataBundle:
+        """The run's data (built once); ``hint`` is added to a data error's message."""
+        if self._bundle is None:
+            from ..data import build_data
+
+            try:
+                self._bundle = build_data(self.config["data"])
+            except DataError as e:
+                if not hint:
+                    raise
+                raise DataError(f"{e} ({hint})") from None
+        return self._bundle
+
+
+def read_run(checkpoint: str | Path | TrainedRun, overrides: List[str] | None = None,
+             weights_only: bool = True) -> TrainedRun:
+    """The one reader of a ``last.pt``/``best.pt`` written by ``lsskd train`` (a
+    :class:`TrainedRun` passes through unchanged)."""
+    if isinstance(checkpoint, TrainedRun):
+        return checkpoint
+    from ..engine.evaluation import load_trained
+
+    cfg, st = load_trained(checkpoint, overrides, weights_only)
+    return TrainedRun(Path(checkpoint), cfg, st)
+
+
+@dataclass
+class Deployed:
+    """The deployed backbone (eval mode, CPU) and what is needed to feed it."""
+
+    model: nn.Module
+    classes: List[str]
+    mean: List[float]
+    std: List[float]
+    input_shape: List[int]
+    modality: str
+    config: Dict
+    source: Dict = field(default_factory=dict)
+    # Human-readable class names where the dataset has them (Tiny-ImageNet's words.txt).
+    descriptions: Optional[List[str]] = None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.mean, self.std)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The evaluation-time transform: uint8 images are scaled to [0, 1], then
+    ``(x - mean) / std`` per channel (the same op as ``BatchAugment.normalize``)."""
+    from ..data.augment import BatchAugment
+
+    return BatchAugment(mean, std).normalize(x)
+
+
+def backbone_weights(method_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """The ``backbone.*`` entries of a method's state dict, prefix removed."""
+    sub = {k[len(BACKBONE_PREFIX):]: v for k, v in method_state.items() if k.startswith(BACKBONE_PREFIX)}
+    if not sub:
+        raise CheckpointError(f"{source}'s method state has no 'backbone.*' entries")
+    return sub
+
+
+def extract_backbone(cfg: Dict, method_state: Dict[str, torch.Tensor], num_classes: int,
+                     source: str = "checkpoint") -> nn.Module:
+    """Build ``cfg.model`` fresh and load the ``backbone.*`` entries of a method's
+    state dict into it (strictly); eval mode. By the method contract ``deploy()`` returns
+    ``self.backbone``, so this is the deployed model without rebuilding the method (no
+    branches, no store, no teacher, no training data needed). ``source`` names the
+    checkpoint in error messages.
+
+    Integration note: ``methods/kd.load_teacher`` still carries its own copy of these
+    lines (build ``cfg.model``, strip ``backbone.``, load); it can call
+    ``extract_backbone(cfg, st["method"], num_classes, f"teacher {path}")`` instead."""
+    from ..models import build_model
+
+    model = build_model(cfg["model"]["name"], num_classes, **cfg["model"].get("kwargs", {}))
+    try:
+        model.load_state_dict(backbone_weights(method_state, source), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: backbone weights do not fit model '{cfg['model']['name']}': {e}") from None
+    return model.eval()
+
+
+def load_deployed(checkpoint: str | Path | TrainedRun, weights_only: bool = True) -> Deployed:
+    """The deployed model of a ``last.pt``/``best.pt`` written by ``lsskd train`` (or of a
+    run already read by :func:`read_run`)."""
+    from ..data.tiny_imagenet import class_words
+
+    run = read_run(checkpoint, None, weights_only)
+    st = run.state
+    for key in ("classes", "mean", "std", "input_shape", "method"):
+        if key not in st:
+            raise CheckpointError(f"checkpoint {run.checkpoint} has no '{key}' entry (not written by lsskd train?)")
+    classes = list(st["classes"])
+    model = extract_backbone(run.config, st["method"], len(classes), f"checkpoint {run.checkpoint}")
+    return Deployed(model, classes, [float(v) for v in st["mean"]], [float(v) for v in st["std"]],
+                    [int(v) for v in st["input_shape"]], st.get("modality", "image"), run.config,
+                    {"checkpoint": str(run.checkpoint), "epoch": st.get("epoch"),
+                     "checkpoint_version": st.get("version")},
+                    class_words(run.config.get("data", {}), classes))
+
+
+def load_training_method(checkpoint: str | Path | TrainedRun, overrides: List[str] | None = None,
+                         weights_only: bool = True):
+    """(method, cfg, bundle): the full training-time method with its weights, rebuilt
+    on the run's data (needed for anything the method's constructor sizes from it)."""
+    from ..engine.trainer import build_method
+
+    run = read_run(checkpoint, overrides, weights_only)
+    bundle = run.bundle()
+    method = build_method(run.config, bundle)
+    method.load_state_dict(run.state["method"])
+    return method.eval(), run.config, bundle
+
+
+def parity_inputs(checkpoint: str | Path | TrainedRun, dep: Deployed, n: int, overrides: List[str] | None = None,
+                  split: str = "test") -> torch.Tensor:
+    """``n`` inputs of the run's test split, normalised like evaluation does."""
+    run = read_run(checkpoint, overrides)
+    bundle = run.bundle("the parity check reads the run's test data: override data.root=PATH, "
+                        "or use random inputs")
+    ds = bundle.test if split == "test" else bundle.val
+    if ds is None:
+        raise DataError(f"split '{split}' is not available for {run.checkpoint}")
+    if list(ds.x.shape[1:]) != dep.input_shape:
+        raise DataError(f"{split} inputs under data.root={run.config['data']['root']} have shape "
+                        f"{list(ds.x.shape[1:])} but the model expects {dep.input_shape}")
+    # Evenly spaced, so the sample spans the classes (folders are stored class by class).
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()
+    return dep.normalize(ds.x[idx])

@@ -1,0 +1,62 @@
+"""Static int8 quantisation of an exported ONNX model (onnxruntime, QDQ)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.checkpoint import atomic_write_bytes, atomic_write_json
+from .export import sha256_bytes
+from .formats import INPUT_NAME, ExportError, metadata_path
+from .runners import read_metadata
+
+
+class _CalibReader:
+    """onnxruntime calibration reader over normalised float inputs."""
+
+    def __init__(self, x: torch.Tensor, input_name: str, batch: int = 32):
+        self.chunks = [x[s:s + batch].numpy().astype(np.float32) for s in range(0, len(x), batch)]
+        self.input_name, self.i = input_name, 0
+
+    def get_next(self):
+        if self.i >= len(self.chunks):
+            return None
+        self.i += 1
+        return {self.input_name: self.chunks[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, calib_x: torch.Tensor, per_channel: bool = True) -> None:
+    """Static int8 quantisation (QDQ, onnxruntime) calibrated on ``calib_x`` (normalised
+    training inputs, MinMax). The written file gets the source's metadata sidecar."""
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise ExportError("int8 quantisation needs onnxruntime: pip install 'lsskd[export]'") from None
+    src, dst = Path(src), Path(dst)
+    reader = type("Reader", (_CalibReader, CalibrationDataReader), {})(calib_x, INPUT_NAME)
+    tmp_dir = dst.parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    pre = tmp_dir / f".{dst.name}.pre.onnx"
+    out_tmp = tmp_dir / f".{dst.name}.q.onnx"
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out_tmp), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+        data = out_tmp.read_bytes()
+        atomic_write_bytes(dst, data)
+    finally:
+        for p in (pre, out_tmp):
+            if p.exists():
+                p.unlink()
+    meta = read_metadata(src) or {}
+    meta.update({"file": dst.name, "bytes": len(data), "sha256": sha256_bytes(data),
+                 "quantization": {"type": "static int8 QDQ", "per_channel": per_channel,
+                                  "calibration_inputs": int(len(calib_x)), "source": src.name}})
+    meta.pop("parity", None)
+    atomic_write_json(metadata_path(dst), meta)
