@@ -141,10 +141,14 @@ def test_branch_trunks_fresh_and_shaped(built):
         feats = model.forward_stages(x)
     big = n_params(model) > BIG and name not in FULL_BRANCH_CHECK
     backbone_ptrs = {p.data_ptr() for p in model.parameters()}
-    levels = [model.num_stages - 1] if big else range(model.num_stages)
-    for level in levels:
+    S = model.num_stages
+    # The deepest branch both ways (method.last_branch): the last stage at stride 1, one block.
+    levels = [(S - 1, "stage"), (S - 1, "block")]
+    if not big:
+        levels = [(level, "stage") for level in range(S - 1)] + levels
+    for level, last in levels:
         f = feats[level]
-        trunk = model.branch_trunk(level)
+        trunk = model.branch_trunk(level, last)
         trunk.train()
         with torch.no_grad():
             pooled = model.pool(trunk(f))
@@ -163,10 +167,15 @@ def test_branch_trunks_fresh_and_shaped(built):
             assert list(got) == list(ref)
             conv_keys = [k for k, v in got.items() if v.dim() >= 3]
             assert conv_keys and any(not torch.equal(got[k], ref[k]) for k in conv_keys), (name, level)
-        else:
+        elif last == "block":
             # The deepest branch's extra block is stride 1 and keeps the width.
             with torch.no_grad():
                 assert first(f).shape == f.shape, name
+        else:
+            # The last stage rebuilt at stride 1 on C_S: the blocks before ``final`` keep the
+            # shape (its first block may change the width inside, as MobileNetV2's does).
+            with torch.no_grad():
+                assert trunk[:-1](f).shape == f.shape, name
         del trunk
 
 

@@ -111,6 +111,10 @@ class TinyCNN1d(StagedBackbone):
         c = self.stage_channels[-1]
         return self.fresh_copy(ConvBNReLU1d(c, c, 1, self.kernel_size))
 
+    def last_stage_blocks(self):
+        # Each stage is one conv unit, so the last stage at stride 1 is the extra block.
+        return [self.extra_block()]
+
 
 @MODELS.register("resnet1d")
 def resnet1d(num_classes: int = 6, **kw) -> ResNet1d:

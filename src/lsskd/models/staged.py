@@ -109,12 +109,31 @@ class StagedBackbone(nn.Module):
         block = list(last.children())[-1] if len(list(last.children())) else last
         return self.fresh_copy(block)
 
-    def branch_trunk(self, level: int) -> nn.Module:
+    def last_stage_blocks(self) -> List[nn.Module]:
+        """The deepest branch's blocks under ``last="stage"``: the last stage rebuilt at
+        stride 1 on its own output width C_S (HSAKD's deepest ``block_extractor``).
+
+        Default, right for a stage that is an ``nn.Sequential`` of blocks whose first block
+        changes width/stride and whose others map C_S -> C_S at stride 1 (every
+        :func:`stack_stages` model): :meth:`extra_block` in place of the first block, then
+        fresh copies of the others, so the result has as many blocks as the stage. A stage
+        of one block gives exactly ``[extra_block()]``, the ``last="block"`` trunk (the same
+        modules and random draws). Override for stages of another shape."""
+        blocks = list(self.stages[-1].children())
+        return [self.extra_block()] + [self.fresh_copy(b) for b in blocks[1:]]
+
+    def branch_trunk(self, level: int, last: str = "stage") -> nn.Module:
         """Layers a branch reading stage ``level`` (0-based) applies before pooling:
-        fresh copies of stages level+1..S-1 (or one extra block for the deepest),
-        then a fresh copy of ``final``."""
+        fresh copies of stages level+1..S-1, then a fresh copy of ``final``. The deepest
+        branch (level S-1) has no later stage; ``last`` chooses what it gets instead:
+        ``stage`` = :meth:`last_stage_blocks` (HSAKD's code), ``block`` = one
+        :meth:`extra_block` (lsskd before issue 18)."""
+        if last not in ("stage", "block"):
+            raise ValueError(f"last must be 'stage' or 'block', got {last!r}")
         if level < self.num_stages - 1:
             parts = [self.fresh_copy(s) for s in self.stages[level + 1 :]]
+        elif last == "stage":
+            parts = list(self.last_stage_blocks())
         else:
             parts = [self.extra_block()]
         parts.append(self.fresh_copy(self.final))
@@ -155,6 +174,13 @@ class StagedAdapter(StagedBackbone):
 
     The wrapped model's parameters are shared (not copied); its forward must be
     ``stem -> stages -> [final] -> global average pool -> classifier``.
+
+    The deepest branch: ``extra_block`` (a C_S -> C_S stride-1 module; default a fresh
+    copy of the last stage's last child) is its one block under ``last="block"``; under
+    ``last="stage"`` it replaces the last stage's first child, followed by fresh copies
+    of the other children (right when the last stage is a sequence of blocks whose first
+    one changes width or stride). If that rule does not fit your stage, pass
+    ``last_stage``: a C_S -> C_S stride-1 module copied fresh for that branch.
     """
 
     def __init__(
@@ -166,6 +192,7 @@ class StagedAdapter(StagedBackbone):
         final: str | Sequence[str] | None = None,
         probe_shape: Sequence[int] = (3, 32, 32),
         extra_block: nn.Module | None = None,
+        last_stage: nn.Module | None = None,
     ):
         super().__init__()
 
@@ -186,6 +213,7 @@ class StagedAdapter(StagedBackbone):
             raise TypeError(f"classifier '{classifier}' must be nn.Linear, got {type(clf).__name__}")
         self.classifier = clf
         self._extra = extra_block
+        self._last_stage = last_stage
         self.probe_shape = tuple(probe_shape)
         # No re-initialisation: the user's weights are kept.
         self.stage_channels, self.stage_strides = describe_stages(self)
@@ -196,6 +224,11 @@ class StagedAdapter(StagedBackbone):
         if self._extra is not None:
             return self.fresh_copy(self._extra)
         return super().extra_block()
+
+    def last_stage_blocks(self) -> List[nn.Module]:
+        if self._last_stage is not None:
+            return [self.fresh_copy(self._last_stage)]
+        return super().last_stage_blocks()
 
 
 def stack_stages(cin: int, plan: Sequence[Tuple[int, int, int]],

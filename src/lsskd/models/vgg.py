@@ -56,6 +56,12 @@ class VGG(StagedBackbone):
         c = self.stage_channels[-1]
         return self.fresh_copy(conv_bn_relu(c, c))
 
+    def last_stage_blocks(self):
+        # HSAKD's deepest VGG branch: the last stage's conv groups (4 and 5) on C_S
+        # channels, no max-pool: one C_S -> C_S conv-BN-ReLU per conv of the stage.
+        n = sum(isinstance(m, nn.Conv2d) for m in self.stages[-1].modules())
+        return [self.extra_block() for _ in range(n)]
+
 
 def _register(name: str):
     depths = _DEPTHS[name]
