@@ -130,3 +130,28 @@ def test_byot_never_builds_the_deepest_level():
     bb.branch_trunk = lambda level, *a, **k: calls.append(level) or orig(level, *a, **k)
     METHODS.build("byot", bb, {}, num_train=0)
     assert calls == [0, 1]
+
+
+def test_staged_adapter_stage_rule_and_last_stage_override():
+    from torch import nn
+
+    from lsskd.models import StagedAdapter
+
+    def block(cin, cout, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    net = nn.Module()
+    net.stem = nn.Conv2d(3, 8, 3, 1, 1)
+    net.layer1 = nn.Sequential(block(8, 8), block(8, 8))
+    net.layer2 = nn.Sequential(block(8, 16, 2), block(16, 16), block(16, 16))
+    net.fc = nn.Linear(16, 4)
+    kw = dict(stem="stem", stages=["layer1", "layer2"], classifier="fc", probe_shape=(3, 16, 16))
+    staged = StagedAdapter(net, **kw)
+    # Default: extra block (a fresh copy of layer2's last child) + copies of children 1..2.
+    stage = staged.branch_trunk(1, "stage")
+    assert len(stage) == 3 + 1 and len(staged.branch_trunk(1, "block")) == 1 + 1
+    f = torch.randn(2, 16, 8, 8)
+    assert stage(f).shape == f.shape
+    own = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU())
+    custom = StagedAdapter(net, last_stage=own, **kw).branch_trunk(1, "stage")
+    assert len(custom) == 2 and isinstance(custom[0][0], nn.Conv2d) and custom[0][0].weight is not own[0].weight
