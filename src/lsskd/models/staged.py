@@ -13,6 +13,8 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..registry import MODELS
+
 
 def kaiming_init(m: nn.Module) -> None:
     """The initialisation shared by the CIFAR model zoo (He et al. for convs)."""
@@ -245,3 +247,20 @@ def stack_stages(cin: int, plan: Sequence[Tuple[int, int, int]],
             cin = width * expansion
         stages.append(nn.Sequential(*blocks))
     return nn.ModuleList(stages), cin
+
+
+def register_variant(name: str, cls: Callable[..., "StagedBackbone"], *args, doc: str,
+                     aliases: Sequence[str] = (), num_classes: int = 100, **fixed) -> Callable:
+    """Register ``name`` (and ``aliases``) as the factory
+    ``f(num_classes=num_classes, **kw) = cls(*args, num_classes=num_classes, **fixed, **kw)``
+    and return it, so that each zoo variant is one findable line::
+
+        resnet20 = register_variant("resnet20", CifarResNet, 20, doc="CIFAR ResNet-20 ...")
+    """
+    def factory(num_classes: int = num_classes, **kw):
+        return cls(*args, num_classes=num_classes, **fixed, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    factory.__module__ = cls.__module__
+    return MODELS.register(name, *aliases)(factory)

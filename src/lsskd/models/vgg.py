@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, register_variant
 
 # Convs per group for groups 1..5 (channels 64, 128, 256, 512, 512).
 _DEPTHS = {
@@ -63,18 +62,6 @@ class VGG(StagedBackbone):
         return [self.extra_block() for _ in range(n)]
 
 
-def _register(name: str):
-    depths = _DEPTHS[name]
-
-    @MODELS.register(name)
-    def build(num_classes: int = 100, **kw):
-        return VGG(depths, num_classes, **kw)
-
-    build.__doc__ = f"{name.upper()}-BN for 32x32 inputs, conv groups {depths}."
-    build.__name__ = name
-    return build
-
-
 def build_vgg(name: str, num_classes: int = 100, **kw) -> VGG:
     """Any configuration in ``_DEPTHS`` (vgg8/11/13/16/19); only the ones the
     distillation tables use are registered, to keep the registry (and its tests) lean."""
@@ -83,5 +70,9 @@ def build_vgg(name: str, num_classes: int = 100, **kw) -> VGG:
     return VGG(_DEPTHS[name], num_classes, **kw)
 
 
-for _n in ("vgg8", "vgg11", "vgg13"):
-    _register(_n)
+vgg8 = register_variant("vgg8", VGG, _DEPTHS["vgg8"],
+                        doc="VGG8-BN for 32x32 inputs, conv groups (1, 1, 1, 1, 1).")
+vgg11 = register_variant("vgg11", VGG, _DEPTHS["vgg11"],
+                         doc="VGG11-BN for 32x32 inputs, conv groups (1, 1, 2, 2, 2).")
+vgg13 = register_variant("vgg13", VGG, _DEPTHS["vgg13"],
+                         doc="VGG13-BN for 32x32 inputs, conv groups (2, 2, 2, 2, 2).")
