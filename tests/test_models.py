@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lsskd.models import StagedAdapter, StagedBackbone, build_model
+from lsskd.models import StagedAdapter, StagedBackbone, build_model, describe_stages
 from lsskd.registry import MODELS
 
 # Exact counts at 100 classes. Published figures they were checked against are in
@@ -129,6 +129,8 @@ def test_forward_and_stage_contract(built):
     for prev, cur, s in zip(feats, feats[1:], model.stage_strides[1:]):
         assert tuple(cur.shape[2:]) == tuple(math.ceil(n / s) for n in prev.shape[2:])
     assert all(s in (1, 2) for s in model.stage_strides)
+    # The zoo declares its stage layout; a probe forward pass must read the same.
+    assert describe_stages(model) == (model.stage_channels, model.stage_strides), name
     if len(model.probe_shape) == 3 and model.probe_shape[1] > 64:
         # ImageNet-stem models must also run on CIFAR-sized images.
         assert model(torch.randn(2, model.probe_shape[0], 32, 32)).shape == (2, model.num_classes)

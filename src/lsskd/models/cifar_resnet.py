@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .staged import StagedBackbone, register_variant, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class BasicBlock(nn.Module):
@@ -45,7 +45,7 @@ class CifarResNet(StagedBackbone):
         self.stages, cin = stack_stages(widths[0], plan, BasicBlock)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         # With one block per stage (resnet8) the last block changes width and stride.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .staged import StagedBackbone, register_variant, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class Basic(nn.Module):
@@ -88,7 +88,7 @@ class ResNet(StagedBackbone):
         self.stages, cin = stack_stages(64, plan, block, block.expansion)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish(probe)
+        self._finish(probe, *plan_layout(plan, block.expansion))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]

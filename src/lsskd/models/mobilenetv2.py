@@ -18,6 +18,8 @@ so every branch ends with its own head conv.
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..registry import MODELS
@@ -87,7 +89,10 @@ class MobileNetV2(StagedBackbone):
         head = int(1280 * width) if width > 1.0 else 1280
         self.final = _conv_bn(cin, head, 1)
         self.classifier = nn.Linear(head, num_classes)
-        self._finish((in_channels, 32, 32))
+        # A stage's output: its last group's width; its stride: the product of its groups'.
+        channels = [int(_GROUPS[idx[-1]][1] * width) for idx in _STAGE_GROUPS]
+        strides = [math.prod(_GROUPS[g][3] for g in idx) for idx in _STAGE_GROUPS]
+        self._finish((in_channels, 32, 32), channels, strides)
 
     def extra_block(self) -> nn.Module:
         # The last stage ends with a width-changing block, so build a C -> C one.

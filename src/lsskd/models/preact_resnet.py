@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .staged import StagedBackbone, register_variant, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class PreActBasic(nn.Module):
@@ -69,7 +69,7 @@ class PreActResNet(StagedBackbone):
         self.stages, cin = stack_stages(64, plan, block, block.expansion)
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan, block.expansion))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .staged import StagedBackbone, register_variant, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class ResNeXtBlock(nn.Module):
@@ -53,7 +53,7 @@ class ResNeXt29(StagedBackbone):
             64, plan, lambda c, w, s: ResNeXtBlock(c, w, group_width[w], cardinality, s))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, stack_stages
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ class ShuffleNetV1(StagedBackbone):
         self.stages, cin = stack_stages(24, plan, lambda c, w, s: ShuffleV1Unit(c, w, s, groups))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
@@ -130,7 +130,7 @@ class ShuffleNetV2(StagedBackbone):
         self.stages = nn.ModuleList(stages)
         self.final = _cbr(cin, head, 1)
         self.classifier = nn.Linear(head, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), list(widths), [2] * len(widths))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]

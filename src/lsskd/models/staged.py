@@ -43,6 +43,8 @@ class StagedBackbone(nn.Module):
     Attributes filled by :meth:`_finish`:
       ``stage_channels[l]``, ``stage_strides[l]`` (stride of stage l w.r.t. its input),
       ``feature_dim`` (size of the pooled feature h), ``num_classes``.
+    The zoo declares channels and strides (``_finish(probe, channels, strides)``); a
+    model that does not is probed with one forward pass (:func:`describe_stages`).
     """
 
     stem: nn.Module
@@ -56,13 +58,20 @@ class StagedBackbone(nn.Module):
     def init_module(self, m: nn.Module) -> None:
         kaiming_init(m)
 
-    def _finish(self, probe_shape: Sequence[int] | None = None) -> None:
+    def _finish(self, probe_shape: Sequence[int] | None = None, channels: Sequence[int] | None = None,
+                strides: Sequence[int] | None = None) -> None:
+        """Initialise the weights and fill the attributes above. ``channels`` and
+        ``strides`` declare each stage's output channels and stride; without them one
+        probe input of ``probe_shape`` is run to read them."""
         if not hasattr(self, "pool"):
             self.pool = GlobalPool()
         if probe_shape is not None:
             self.probe_shape = tuple(probe_shape)
         self.apply(self.init_module)
-        self.stage_channels, self.stage_strides = describe_stages(self)
+        if channels is None or strides is None:
+            self.stage_channels, self.stage_strides = describe_stages(self)
+        else:
+            self.stage_channels, self.stage_strides = [int(c) for c in channels], [int(s) for s in strides]
         self.feature_dim = self.classifier.in_features
         self.num_classes = self.classifier.out_features
 
@@ -231,6 +240,11 @@ class StagedAdapter(StagedBackbone):
         if self._last_stage is not None:
             return [self.fresh_copy(self._last_stage)]
         return super().last_stage_blocks()
+
+
+def plan_layout(plan: Sequence[Tuple[int, int, int]], expansion: int = 1) -> Tuple[List[int], List[int]]:
+    """(stage output channels, stage strides) of a :func:`stack_stages` plan."""
+    return [w * expansion for w, _, _ in plan], [s for _, _, s in plan]
 
 
 def stack_stages(cin: int, plan: Sequence[Tuple[int, int, int]],

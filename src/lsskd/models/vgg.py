@@ -49,7 +49,7 @@ class VGG(StagedBackbone):
         ])
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), [_WIDTHS[0], _WIDTHS[1], _WIDTHS[2], _WIDTHS[4]], [1, 2, 2, 2])
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .staged import StagedBackbone, register_variant, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class WideBlock(nn.Module):
@@ -53,7 +53,7 @@ class WideResNet(StagedBackbone):
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(cin, num_classes)
         self._drop_rate = drop_rate
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
