@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lsskd.models import StagedAdapter, StagedBackbone, build_model
+from lsskd.models import StagedAdapter, StagedBackbone, build_model, describe_stages
 from lsskd.registry import MODELS
 
 # Exact counts at 100 classes. Published figures they were checked against are in
@@ -129,6 +129,8 @@ def test_forward_and_stage_contract(built):
     for prev, cur, s in zip(feats, feats[1:], model.stage_strides[1:]):
         assert tuple(cur.shape[2:]) == tuple(math.ceil(n / s) for n in prev.shape[2:])
     assert all(s in (1, 2) for s in model.stage_strides)
+    # The zoo declares its stage layout; a probe forward pass must read the same.
+    assert describe_stages(model) == (model.stage_channels, model.stage_strides), name
     if len(model.probe_shape) == 3 and model.probe_shape[1] > 64:
         # ImageNet-stem models must also run on CIFAR-sized images.
         assert model(torch.randn(2, model.probe_shape[0], 32, 32)).shape == (2, model.num_classes)
@@ -141,10 +143,14 @@ def test_branch_trunks_fresh_and_shaped(built):
         feats = model.forward_stages(x)
     big = n_params(model) > BIG and name not in FULL_BRANCH_CHECK
     backbone_ptrs = {p.data_ptr() for p in model.parameters()}
-    levels = [model.num_stages - 1] if big else range(model.num_stages)
-    for level in levels:
+    S = model.num_stages
+    # The deepest branch both ways (method.last_branch): the last stage at stride 1, one block.
+    levels = [(S - 1, "stage"), (S - 1, "block")]
+    if not big:
+        levels = [(level, "stage") for level in range(S - 1)] + levels
+    for level, last in levels:
         f = feats[level]
-        trunk = model.branch_trunk(level)
+        trunk = model.branch_trunk(level, last)
         trunk.train()
         with torch.no_grad():
             pooled = model.pool(trunk(f))
@@ -163,10 +169,15 @@ def test_branch_trunks_fresh_and_shaped(built):
             assert list(got) == list(ref)
             conv_keys = [k for k, v in got.items() if v.dim() >= 3]
             assert conv_keys and any(not torch.equal(got[k], ref[k]) for k in conv_keys), (name, level)
-        else:
+        elif last == "block":
             # The deepest branch's extra block is stride 1 and keeps the width.
             with torch.no_grad():
                 assert first(f).shape == f.shape, name
+        else:
+            # The last stage rebuilt at stride 1 on C_S: the blocks before ``final`` keep the
+            # shape (its first block may change the width inside, as MobileNetV2's does).
+            with torch.no_grad():
+                assert trunk[:-1](f).shape == f.shape, name
         del trunk
 
 

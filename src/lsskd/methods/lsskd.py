@@ -97,9 +97,9 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 class Branch(nn.Module):
     """Auxiliary branch l: fresh copies of later stages (+final), pool, joint head."""
 
-    def __init__(self, backbone, level: int, out_dim: int):
+    def __init__(self, backbone, level: int, out_dim: int, last: str = "stage"):
         super().__init__()
-        self.trunk = backbone.branch_trunk(level)
+        self.trunk = backbone.branch_trunk(level, last)
         self.pool = type(backbone.pool)()
         self.head = nn.Linear(backbone.feature_dim, out_dim)
 
@@ -164,6 +164,7 @@ class LSSKD(Method):
         # (a negative floor opens it even while held-out top-1 exceeds training top-1)
         "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
+        "last_branch": "stage",  # stage (HSAKD) | block (before issue 18): deepest branch's trunk
     }
 
     def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
@@ -182,7 +183,8 @@ class LSSKD(Method):
             from ..config import ConfigError
 
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
-        for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split"))):
+        for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
+                             ("last_branch", ("stage", "block"))):
             if c[key] not in allowed:
                 from ..config import ConfigError
 
@@ -211,7 +213,7 @@ class LSSKD(Method):
         M = self.views.num_views
         self.num_views = M
         S = backbone.num_stages if c["branches"] else 0
-        self.aux = nn.ModuleList([Branch(backbone, l, M * self.num_classes) for l in range(S)])
+        self.aux = nn.ModuleList([Branch(backbone, l, M * self.num_classes, c["last_branch"]) for l in range(S)])
         dtype = {"float32": torch.float32, "float16": torch.float16}.get(c["store_dtype"])
         if dtype is None:
             from ..config import ConfigError

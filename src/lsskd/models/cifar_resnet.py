@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class BasicBlock(nn.Module):
@@ -46,7 +45,7 @@ class CifarResNet(StagedBackbone):
         self.stages, cin = stack_stages(widths[0], plan, BasicBlock)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         # With one block per stage (resnet8) the last block changes width and stride.
@@ -54,16 +53,14 @@ class CifarResNet(StagedBackbone):
         return self.fresh_copy(BasicBlock(c, c, 1))
 
 
-def _register(depth: int, widths, name: str):
-    @MODELS.register(name)
-    def build(num_classes: int = 100, **kw):
-        return CifarResNet(depth, num_classes, widths, **kw)
-
-    build.__doc__ = f"CIFAR ResNet-{depth}, widths {widths}."
-    return build
-
-
-for _d in (8, 14, 20, 32, 44, 56, 110):
-    _register(_d, (16, 16, 32, 64), f"resnet{_d}")
-_register(8, (32, 64, 128, 256), "resnet8x4")
-_register(32, (32, 64, 128, 256), "resnet32x4")
+THIN, WIDE = (16, 16, 32, 64), (32, 64, 128, 256)
+resnet8 = register_variant("resnet8", CifarResNet, 8, doc=f"CIFAR ResNet-8, widths {THIN}.")
+resnet14 = register_variant("resnet14", CifarResNet, 14, doc=f"CIFAR ResNet-14, widths {THIN}.")
+resnet20 = register_variant("resnet20", CifarResNet, 20, doc=f"CIFAR ResNet-20, widths {THIN}.")
+resnet32 = register_variant("resnet32", CifarResNet, 32, doc=f"CIFAR ResNet-32, widths {THIN}.")
+resnet44 = register_variant("resnet44", CifarResNet, 44, doc=f"CIFAR ResNet-44, widths {THIN}.")
+resnet56 = register_variant("resnet56", CifarResNet, 56, doc=f"CIFAR ResNet-56, widths {THIN}.")
+resnet110 = register_variant("resnet110", CifarResNet, 110, doc=f"CIFAR ResNet-110, widths {THIN}.")
+resnet8x4 = register_variant("resnet8x4", CifarResNet, 8, widths=WIDE, doc=f"CIFAR ResNet-8, widths {WIDE}.")
+resnet32x4 = register_variant("resnet32x4", CifarResNet, 32, widths=WIDE,
+                              doc=f"CIFAR ResNet-32, widths {WIDE}.")

@@ -17,7 +17,7 @@ from typing import Sequence
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, stack_stages
 
 
 class BasicBlock1d(nn.Module):
@@ -80,7 +80,7 @@ class ResNet1d(StagedBackbone):
         self.stages, cin = stack_stages(stem_width, plan, lambda c, w, s: BasicBlock1d(c, w, s, kernel_size))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 128))
+        self._finish((in_channels, 128), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         # With one block per stage the last block changes width/stride; build a C_S -> C_S one.
@@ -104,12 +104,16 @@ class TinyCNN1d(StagedBackbone):
         self.stages = nn.ModuleList(stages)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 128))
+        self._finish((in_channels, 128), list(widths), [2] * len(widths))
 
     def extra_block(self) -> nn.Module:
         # The last child of a stage is its ReLU, so the default rule does not apply.
         c = self.stage_channels[-1]
         return self.fresh_copy(ConvBNReLU1d(c, c, 1, self.kernel_size))
+
+    def last_stage_blocks(self):
+        # Each stage is one conv unit, so the last stage at stride 1 is the extra block.
+        return [self.extra_block()]
 
 
 @MODELS.register("resnet1d")

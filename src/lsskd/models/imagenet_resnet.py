@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class Basic(nn.Module):
@@ -89,7 +88,7 @@ class ResNet(StagedBackbone):
         self.stages, cin = stack_stages(64, plan, block, block.expansion)
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish(probe)
+        self._finish(probe, *plan_layout(plan, block.expansion))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
@@ -99,20 +98,11 @@ class ResNet(StagedBackbone):
 _CONFIGS = {18: (Basic, (2, 2, 2, 2)), 34: (Basic, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}
 
 
-def _register(depth: int, cifar_stem: bool):
-    block, blocks = _CONFIGS[depth]
-    name = f"resnet{depth}_cifar" if cifar_stem else f"resnet{depth}"
-    default_classes = 100 if cifar_stem else 1000
-
-    @MODELS.register(name)
-    def build(num_classes: int = default_classes, **kw):
-        return ResNet(block, blocks, num_classes, cifar_stem=cifar_stem, **kw)
-
-    build.__doc__ = f"ResNet-{depth} with {'a CIFAR' if cifar_stem else 'the ImageNet'} stem."
-    build.__name__ = name
-    return build
-
-
-for _d in _CONFIGS:
-    _register(_d, False)
-_register(18, True)
+resnet18 = register_variant("resnet18", ResNet, *_CONFIGS[18], num_classes=1000,
+                            doc="ResNet-18 with the ImageNet stem.")
+resnet34 = register_variant("resnet34", ResNet, *_CONFIGS[34], num_classes=1000,
+                            doc="ResNet-34 with the ImageNet stem.")
+resnet50 = register_variant("resnet50", ResNet, *_CONFIGS[50], num_classes=1000,
+                            doc="ResNet-50 with the ImageNet stem.")
+resnet18_cifar = register_variant("resnet18_cifar", ResNet, *_CONFIGS[18], cifar_stem=True,
+                                  doc="ResNet-18 with a CIFAR stem.")

@@ -18,6 +18,8 @@ so every branch ends with its own head conv.
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..registry import MODELS
@@ -70,6 +72,7 @@ class MobileNetV2(StagedBackbone):
         if width <= 0:
             raise ValueError(f"MobileNetV2 width must be > 0, got {width}")
         self._expansion = expansion
+        self._width = width
         cin = int(32 * width)
         self.stem = _conv_bn(in_channels, cin, 3, stride=2)
         groups = []
@@ -86,12 +89,27 @@ class MobileNetV2(StagedBackbone):
         head = int(1280 * width) if width > 1.0 else 1280
         self.final = _conv_bn(cin, head, 1)
         self.classifier = nn.Linear(head, num_classes)
-        self._finish((in_channels, 32, 32))
+        # A stage's output: its last group's width; its stride: the product of its groups'.
+        channels = [int(_GROUPS[idx[-1]][1] * width) for idx in _STAGE_GROUPS]
+        strides = [math.prod(_GROUPS[g][3] for g in idx) for idx in _STAGE_GROUPS]
+        self._finish((in_channels, 32, 32), channels, strides)
 
     def extra_block(self) -> nn.Module:
         # The last stage ends with a width-changing block, so build a C -> C one.
         c = self.stage_channels[-1]
         return self.fresh_copy(InvertedResidual(c, c, 1, self._expansion))
+
+    def last_stage_blocks(self):
+        # HSAKD's block_extractor4: the last stage's groups (6-7) rebuilt with stride 1 on
+        # the stage's own output width: C_S -> c6 (no skip), c6 -> c6 ..., c6 -> c7.
+        cin, blocks = self.stage_channels[-1], []
+        for g in _STAGE_GROUPS[-1]:
+            t, c, n, _ = _GROUPS[g]
+            cout = int(c * self._width)
+            for _ in range(n):
+                blocks.append(self.fresh_copy(InvertedResidual(cin, cout, 1, t or self._expansion)))
+                cin = cout
+        return blocks
 
 
 @MODELS.register("mobilenetv2_w05", "mobilenetv2")

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class PreActBasic(nn.Module):
@@ -70,7 +69,7 @@ class PreActResNet(StagedBackbone):
         self.stages, cin = stack_stages(64, plan, block, block.expansion)
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan, block.expansion))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
@@ -85,18 +84,11 @@ _CONFIGS = {
 }
 
 
-def _register(depth: int):
-    block, blocks = _CONFIGS[depth]
-    name = f"preact_resnet{depth}"
-
-    @MODELS.register(name)
-    def build(num_classes: int = 100, **kw):
-        return PreActResNet(block, blocks, num_classes, **kw)
-
-    build.__doc__ = f"Pre-activation ResNet-{depth} with a CIFAR stem (32x32 inputs)."
-    build.__name__ = name
-    return build
-
-
-for _d in _CONFIGS:
-    _register(_d)
+preact_resnet18 = register_variant("preact_resnet18", PreActResNet, *_CONFIGS[18],
+                                   doc="Pre-activation ResNet-18 with a CIFAR stem (32x32 inputs).")
+preact_resnet34 = register_variant("preact_resnet34", PreActResNet, *_CONFIGS[34],
+                                   doc="Pre-activation ResNet-34 with a CIFAR stem (32x32 inputs).")
+preact_resnet50 = register_variant("preact_resnet50", PreActResNet, *_CONFIGS[50],
+                                   doc="Pre-activation ResNet-50 with a CIFAR stem (32x32 inputs).")
+preact_resnet101 = register_variant("preact_resnet101", PreActResNet, *_CONFIGS[101],
+                                   doc="Pre-activation ResNet-101 with a CIFAR stem (32x32 inputs).")

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class ResNeXtBlock(nn.Module):
@@ -54,7 +53,7 @@ class ResNeXt29(StagedBackbone):
             64, plan, lambda c, w, s: ResNeXtBlock(c, w, group_width[w], cardinality, s))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
@@ -66,17 +65,7 @@ def build_resnext29(cardinality: int, base_width: int, num_classes: int = 100, *
     return ResNeXt29(cardinality, base_width, num_classes, **kw)
 
 
-def _register(cardinality: int, base_width: int, *aliases: str):
-    name = f"resnext29_{cardinality}x{base_width}d"
-
-    @MODELS.register(name, *aliases)
-    def build(num_classes: int = 100, **kw):
-        return ResNeXt29(cardinality, base_width, num_classes, **kw)
-
-    build.__doc__ = f"ResNeXt-29 ({cardinality}x{base_width}d) for 32x32 inputs."
-    build.__name__ = name
-    return build
-
-
-_register(8, 64, "resnext29")
-_register(2, 64)
+resnext29_8x64d = register_variant("resnext29_8x64d", ResNeXt29, 8, 64, aliases=("resnext29",),
+                                   doc="ResNeXt-29 (8x64d) for 32x32 inputs.")
+resnext29_2x64d = register_variant("resnext29_2x64d", ResNeXt29, 2, 64,
+                                   doc="ResNeXt-29 (2x64d) for 32x32 inputs.")

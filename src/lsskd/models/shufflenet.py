@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, stack_stages
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ class ShuffleNetV1(StagedBackbone):
         self.stages, cin = stack_stages(24, plan, lambda c, w, s: ShuffleV1Unit(c, w, s, groups))
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
@@ -85,20 +85,22 @@ def _cbr(cin, cout, k, stride=1, groups=1, relu=True):
 
 class ShuffleV2Unit(nn.Module):
     """Stride 1: split channels in half, transform one half (1x1, 3x3 dw, 1x1),
-    concatenate, shuffle. Stride 2: both halves see the full input and are
-    down-sampled; the output doubles the channel count."""
+    concatenate, shuffle. Stride 2 (or ``two_path=True``): both halves see the full
+    input (and are down-sampled at stride 2); the output has ``cout`` channels."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, two_path: bool | None = None):
         super().__init__()
         self.stride = stride
         half = cout // 2
-        if stride == 1:
+        if two_path is None:
+            two_path = stride != 1
+        if not two_path:
             if cin != cout or cout % 2:
                 raise ValueError(f"ShuffleV2 stride-1 unit needs cin == cout (even), got {cin} -> {cout}")
             self.left = None
             src = half
         else:
-            self.left = nn.Sequential(_cbr(cin, cin, 3, 2, groups=cin, relu=False), _cbr(cin, half, 1))
+            self.left = nn.Sequential(_cbr(cin, cin, 3, stride, groups=cin, relu=False), _cbr(cin, half, 1))
             src = cin
         self.right = nn.Sequential(
             _cbr(src, half, 1),
@@ -128,11 +130,18 @@ class ShuffleNetV2(StagedBackbone):
         self.stages = nn.ModuleList(stages)
         self.final = _cbr(cin, head, 1)
         self.classifier = nn.Linear(head, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), list(widths), [2] * len(widths))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
         return self.fresh_copy(ShuffleV2Unit(c, c, 1))
+
+    def last_stage_blocks(self):
+        # HSAKD's deepest ShuffleV2 branch: the stage's opening two-path unit at stride 1
+        # (its DownBlock(C, C, stride=1)), then fresh copies of the stage's split units.
+        c = self.stage_channels[-1]
+        units = list(self.stages[-1].children())
+        return [self.fresh_copy(ShuffleV2Unit(c, c, 1, two_path=True))] + [self.fresh_copy(u) for u in units[1:]]
 
 
 @MODELS.register("shufflev1", "shufflenetv1")

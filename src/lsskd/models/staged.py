@@ -13,6 +13,8 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..registry import MODELS
+
 
 def kaiming_init(m: nn.Module) -> None:
     """The initialisation shared by the CIFAR model zoo (He et al. for convs)."""
@@ -41,6 +43,8 @@ class StagedBackbone(nn.Module):
     Attributes filled by :meth:`_finish`:
       ``stage_channels[l]``, ``stage_strides[l]`` (stride of stage l w.r.t. its input),
       ``feature_dim`` (size of the pooled feature h), ``num_classes``.
+    The zoo declares channels and strides (``_finish(probe, channels, strides)``); a
+    model that does not is probed with one forward pass (:func:`describe_stages`).
     """
 
     stem: nn.Module
@@ -54,13 +58,20 @@ class StagedBackbone(nn.Module):
     def init_module(self, m: nn.Module) -> None:
         kaiming_init(m)
 
-    def _finish(self, probe_shape: Sequence[int] | None = None) -> None:
+    def _finish(self, probe_shape: Sequence[int] | None = None, channels: Sequence[int] | None = None,
+                strides: Sequence[int] | None = None) -> None:
+        """Initialise the weights and fill the attributes above. ``channels`` and
+        ``strides`` declare each stage's output channels and stride; without them one
+        probe input of ``probe_shape`` is run to read them."""
         if not hasattr(self, "pool"):
             self.pool = GlobalPool()
         if probe_shape is not None:
             self.probe_shape = tuple(probe_shape)
         self.apply(self.init_module)
-        self.stage_channels, self.stage_strides = describe_stages(self)
+        if channels is None or strides is None:
+            self.stage_channels, self.stage_strides = describe_stages(self)
+        else:
+            self.stage_channels, self.stage_strides = [int(c) for c in channels], [int(s) for s in strides]
         self.feature_dim = self.classifier.in_features
         self.num_classes = self.classifier.out_features
 
@@ -109,12 +120,31 @@ class StagedBackbone(nn.Module):
         block = list(last.children())[-1] if len(list(last.children())) else last
         return self.fresh_copy(block)
 
-    def branch_trunk(self, level: int) -> nn.Module:
+    def last_stage_blocks(self) -> List[nn.Module]:
+        """The deepest branch's blocks under ``last="stage"``: the last stage rebuilt at
+        stride 1 on its own output width C_S (HSAKD's deepest ``block_extractor``).
+
+        Default, right for a stage that is an ``nn.Sequential`` of blocks whose first block
+        changes width/stride and whose others map C_S -> C_S at stride 1 (every
+        :func:`stack_stages` model): :meth:`extra_block` in place of the first block, then
+        fresh copies of the others, so the result has as many blocks as the stage. A stage
+        of one block gives exactly ``[extra_block()]``, the ``last="block"`` trunk (the same
+        modules and random draws). Override for stages of another shape."""
+        blocks = list(self.stages[-1].children())
+        return [self.extra_block()] + [self.fresh_copy(b) for b in blocks[1:]]
+
+    def branch_trunk(self, level: int, last: str = "stage") -> nn.Module:
         """Layers a branch reading stage ``level`` (0-based) applies before pooling:
-        fresh copies of stages level+1..S-1 (or one extra block for the deepest),
-        then a fresh copy of ``final``."""
+        fresh copies of stages level+1..S-1, then a fresh copy of ``final``. The deepest
+        branch (level S-1) has no later stage; ``last`` chooses what it gets instead:
+        ``stage`` = :meth:`last_stage_blocks` (HSAKD's code), ``block`` = one
+        :meth:`extra_block` (lsskd before issue 18)."""
+        if last not in ("stage", "block"):
+            raise ValueError(f"last must be 'stage' or 'block', got {last!r}")
         if level < self.num_stages - 1:
             parts = [self.fresh_copy(s) for s in self.stages[level + 1 :]]
+        elif last == "stage":
+            parts = list(self.last_stage_blocks())
         else:
             parts = [self.extra_block()]
         parts.append(self.fresh_copy(self.final))
@@ -155,6 +185,13 @@ class StagedAdapter(StagedBackbone):
 
     The wrapped model's parameters are shared (not copied); its forward must be
     ``stem -> stages -> [final] -> global average pool -> classifier``.
+
+    The deepest branch: ``extra_block`` (a C_S -> C_S stride-1 module; default a fresh
+    copy of the last stage's last child) is its one block under ``last="block"``; under
+    ``last="stage"`` it replaces the last stage's first child, followed by fresh copies
+    of the other children (right when the last stage is a sequence of blocks whose first
+    one changes width or stride). If that rule does not fit your stage, pass
+    ``last_stage``: a C_S -> C_S stride-1 module copied fresh for that branch.
     """
 
     def __init__(
@@ -166,6 +203,7 @@ class StagedAdapter(StagedBackbone):
         final: str | Sequence[str] | None = None,
         probe_shape: Sequence[int] = (3, 32, 32),
         extra_block: nn.Module | None = None,
+        last_stage: nn.Module | None = None,
     ):
         super().__init__()
 
@@ -186,6 +224,7 @@ class StagedAdapter(StagedBackbone):
             raise TypeError(f"classifier '{classifier}' must be nn.Linear, got {type(clf).__name__}")
         self.classifier = clf
         self._extra = extra_block
+        self._last_stage = last_stage
         self.probe_shape = tuple(probe_shape)
         # No re-initialisation: the user's weights are kept.
         self.stage_channels, self.stage_strides = describe_stages(self)
@@ -196,6 +235,16 @@ class StagedAdapter(StagedBackbone):
         if self._extra is not None:
             return self.fresh_copy(self._extra)
         return super().extra_block()
+
+    def last_stage_blocks(self) -> List[nn.Module]:
+        if self._last_stage is not None:
+            return [self.fresh_copy(self._last_stage)]
+        return super().last_stage_blocks()
+
+
+def plan_layout(plan: Sequence[Tuple[int, int, int]], expansion: int = 1) -> Tuple[List[int], List[int]]:
+    """(stage output channels, stage strides) of a :func:`stack_stages` plan."""
+    return [w * expansion for w, _, _ in plan], [s for _, _, s in plan]
 
 
 def stack_stages(cin: int, plan: Sequence[Tuple[int, int, int]],
@@ -212,3 +261,20 @@ def stack_stages(cin: int, plan: Sequence[Tuple[int, int, int]],
             cin = width * expansion
         stages.append(nn.Sequential(*blocks))
     return nn.ModuleList(stages), cin
+
+
+def register_variant(name: str, cls: Callable[..., "StagedBackbone"], *args, doc: str,
+                     aliases: Sequence[str] = (), num_classes: int = 100, **fixed) -> Callable:
+    """Register ``name`` (and ``aliases``) as the factory
+    ``f(num_classes=num_classes, **kw) = cls(*args, num_classes=num_classes, **fixed, **kw)``
+    and return it, so that each zoo variant is one findable line::
+
+        resnet20 = register_variant("resnet20", CifarResNet, 20, doc="CIFAR ResNet-20 ...")
+    """
+    def factory(num_classes: int = num_classes, **kw):
+        return cls(*args, num_classes=num_classes, **fixed, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    factory.__module__ = cls.__module__
+    return MODELS.register(name, *aliases)(factory)

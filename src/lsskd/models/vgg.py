@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone
+from .staged import StagedBackbone, register_variant
 
 # Convs per group for groups 1..5 (channels 64, 128, 256, 512, 512).
 _DEPTHS = {
@@ -50,23 +49,17 @@ class VGG(StagedBackbone):
         ])
         self.final = nn.Identity()
         self.classifier = nn.Linear(cin, num_classes)
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), [_WIDTHS[0], _WIDTHS[1], _WIDTHS[2], _WIDTHS[4]], [1, 2, 2, 2])
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
         return self.fresh_copy(conv_bn_relu(c, c))
 
-
-def _register(name: str):
-    depths = _DEPTHS[name]
-
-    @MODELS.register(name)
-    def build(num_classes: int = 100, **kw):
-        return VGG(depths, num_classes, **kw)
-
-    build.__doc__ = f"{name.upper()}-BN for 32x32 inputs, conv groups {depths}."
-    build.__name__ = name
-    return build
+    def last_stage_blocks(self):
+        # HSAKD's deepest VGG branch: the last stage's conv groups (4 and 5) on C_S
+        # channels, no max-pool: one C_S -> C_S conv-BN-ReLU per conv of the stage.
+        n = sum(isinstance(m, nn.Conv2d) for m in self.stages[-1].modules())
+        return [self.extra_block() for _ in range(n)]
 
 
 def build_vgg(name: str, num_classes: int = 100, **kw) -> VGG:
@@ -77,5 +70,9 @@ def build_vgg(name: str, num_classes: int = 100, **kw) -> VGG:
     return VGG(_DEPTHS[name], num_classes, **kw)
 
 
-for _n in ("vgg8", "vgg11", "vgg13"):
-    _register(_n)
+vgg8 = register_variant("vgg8", VGG, _DEPTHS["vgg8"],
+                        doc="VGG8-BN for 32x32 inputs, conv groups (1, 1, 1, 1, 1).")
+vgg11 = register_variant("vgg11", VGG, _DEPTHS["vgg11"],
+                         doc="VGG11-BN for 32x32 inputs, conv groups (1, 1, 2, 2, 2).")
+vgg13 = register_variant("vgg13", VGG, _DEPTHS["vgg13"],
+                         doc="VGG13-BN for 32x32 inputs, conv groups (2, 2, 2, 2, 2).")

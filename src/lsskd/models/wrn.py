@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
-from .staged import StagedBackbone, stack_stages
+from .staged import StagedBackbone, plan_layout, register_variant, stack_stages
 
 
 class WideBlock(nn.Module):
@@ -54,7 +53,7 @@ class WideResNet(StagedBackbone):
         self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(cin, num_classes)
         self._drop_rate = drop_rate
-        self._finish((in_channels, 32, 32))
+        self._finish((in_channels, 32, 32), *plan_layout(plan))
 
     def extra_block(self) -> nn.Module:
         c = self.stage_channels[-1]
@@ -66,17 +65,10 @@ def build_wrn(depth: int, widen: int, num_classes: int = 100, **kw) -> WideResNe
     return WideResNet(depth, widen, num_classes, **kw)
 
 
-def _register(depth: int, widen: int):
-    name = f"wrn_{depth}_{widen}"
-
-    @MODELS.register(name)
-    def build(num_classes: int = 100, **kw):
-        return WideResNet(depth, widen, num_classes, **kw)
-
-    build.__doc__ = f"WRN-{depth}-{widen} for 32x32 inputs."
-    build.__name__ = name
-    return build
-
-
-for _d, _k in ((16, 1), (16, 2), (16, 4), (28, 10), (40, 1), (40, 2), (40, 4)):
-    _register(_d, _k)
+wrn_16_1 = register_variant("wrn_16_1", WideResNet, 16, 1, doc="WRN-16-1 for 32x32 inputs.")
+wrn_16_2 = register_variant("wrn_16_2", WideResNet, 16, 2, doc="WRN-16-2 for 32x32 inputs.")
+wrn_16_4 = register_variant("wrn_16_4", WideResNet, 16, 4, doc="WRN-16-4 for 32x32 inputs.")
+wrn_28_10 = register_variant("wrn_28_10", WideResNet, 28, 10, doc="WRN-28-10 for 32x32 inputs.")
+wrn_40_1 = register_variant("wrn_40_1", WideResNet, 40, 1, doc="WRN-40-1 for 32x32 inputs.")
+wrn_40_2 = register_variant("wrn_40_2", WideResNet, 40, 2, doc="WRN-40-2 for 32x32 inputs.")
+wrn_40_4 = register_variant("wrn_40_4", WideResNet, 40, 4, doc="WRN-40-4 for 32x32 inputs.")
