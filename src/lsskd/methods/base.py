@@ -10,27 +10,12 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import validate_section
 from ..data.augment import MixInfo
 from ..models.staged import StagedBackbone
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CE(logits, q) = -sum_c q_c log softmax(logits)_c, averaged over rows."""
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
-def mix_targets(target: torch.Tensor, mix: Optional[MixInfo], group: int = 1) -> torch.Tensor:
-    """CutMix: row i's target becomes lam*t_i + (1-lam)*t_perm(i). With ``group`` > 1 the
-    rows are ``group`` stacked copies of the batch (views), each mixed the same way."""
-    if mix is None:
-        return target
-    b = len(mix.perm)
-    t = target.view(group, b, -1)
-    return (mix.lam * t + (1 - mix.lam) * t[:, mix.perm]).view_as(target)
+from .losses import mix_targets, soft_cross_entropy  # noqa: F401  (re-exported)
 
 
 class Method(nn.Module):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .kd import soft_kl
+from .base import Method, register_method
+from .losses import feature_loss, kl_div_probs, mix_targets, soft_cross_entropy
 
 
 class Exit(nn.Module):
@@ -77,13 +77,12 @@ class BeYourOwnTeacher(Method):
         shallow, h_deep, logits = self.all_exits(x)
         target = mix_targets(F.one_hot(y, self.num_classes).float(), mix)
         teacher = F.softmax(logits.detach().float() / T, dim=-1)
-        h_t = h_deep.detach().float()
         zero = logits.new_zeros((), dtype=torch.float32)
         ce_b, kd_b, feat_b = zero, zero, zero
         for h, z in shallow:
             ce_b = ce_b + (1.0 - alpha) * soft_cross_entropy(z, target)
-            kd_b = kd_b + alpha * soft_kl(teacher, z, T)
-            feat_b = feat_b + lam * (h.float() - h_t).pow(2).sum(-1).mean()
+            kd_b = kd_b + alpha * kl_div_probs(z, teacher, T)
+            feat_b = feat_b + lam * feature_loss(h, h_deep, per_dim=False)
         return logits, {"ce": soft_cross_entropy(logits, target), "branch_ce": ce_b,
                         "branch_kd": kd_b, "branch_feat": feat_b}
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .kd import soft_kl
+from .base import Method, register_method
+from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
 class ClassPairSampler:
@@ -83,5 +83,5 @@ class ClassWiseSelfKD(Method):
         target = mix_targets(F.one_hot(y, self.num_classes).float(), mix)[:b]
         return logits, {
             "ce": soft_cross_entropy(logits, target),
-            "cls": self.cfg["lambda"] * soft_kl(pair_prob, logits, T),
+            "cls": self.cfg["lambda"] * kl_div_probs(logits, pair_prob, T),
         }

@@ -10,17 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-
-
-def soft_kl(target: torch.Tensor, logits: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * mean_i KL(target_i || softmax(logits_i / T)); ``target`` holds probabilities
-    and is treated as a constant. T^2 keeps gradient magnitudes comparable across T
-    (Hinton et al. 2015, Sec. 2)."""
-    target = target.detach().float()
-    logq = F.log_softmax(logits.float() / T, dim=-1)
-    kl = (torch.xlogy(target, target) - target * logq).sum(-1)
-    return (T * T) * kl.mean()
+from .base import Method, register_method
+from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
 def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
@@ -118,7 +109,7 @@ class KnowledgeDistillation(Method):
         onehot = mix_targets(F.one_hot(y, self.num_classes).float(), mix)
         return logits, {
             "ce": (1.0 - alpha) * soft_cross_entropy(logits, onehot),
-            "kd": alpha * soft_kl(t_prob, logits, T),
+            "kd": alpha * kl_div_probs(logits, t_prob, T),
         }
 
     def training_macs(self, input_shape) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
+from .base import Method, register_method
+from .losses import mix_targets, soft_cross_entropy
 
 
 def smoothed_targets(y, num_classes: int, epsilon: float):

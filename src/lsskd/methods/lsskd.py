@@ -66,7 +66,9 @@ from torch import nn
 
 from ..engine.distributed import all_gather_cat
 from ..engine.profile import count_macs
-from .base import Method, mix_targets, register_method, soft_cross_entropy
+from .base import Method, register_method
+from .losses import (feature_loss, joint_class_logits, joint_labels, kl_div, mix_targets,
+                     soft_cross_entropy)
 from .store import choose_store, build_store
 from .transforms import ViewFamily, build_views
 
@@ -125,14 +127,6 @@ class frozen_bn_stats:
         for m in self.bns:
             m.track_running_stats = True
         return False
-
-
-def kl_div(student_logits, teacher_logits, tau: float) -> torch.Tensor:
-    """tau^2 * KL(softmax(t/tau) || softmax(s/tau)), mean over rows; teacher detached."""
-    t = F.softmax(teacher_logits.detach().float() / tau, dim=-1)
-    log_s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    log_t = F.log_softmax(teacher_logits.detach().float() / tau, dim=-1)
-    return (tau ** 2) * (t * (log_t - log_s)).sum(-1).mean()
 
 
 @register_method("lsskd")
@@ -349,11 +343,7 @@ class LSSKD(Method):
         if outs:
             w = self.aux_scale()
             norm = len(outs) if c["normalize_aux"] else 1
-            if views is None:
-                joint = ViewFamily.joint_labels(y, M)
-            else:
-                k = torch.tensor(views, device=y.device).repeat_interleave(B)
-                joint = y.repeat(V) * M + k
+            joint = joint_labels(y, M, views)
             hard_q = F.one_hot(joint, M * C).float()
             hier = 0.0
             for l, (_, s) in enumerate(outs):
@@ -374,8 +364,7 @@ class LSSKD(Method):
                     kl = kl + kl_div(outs[l][1], teacher, c["tau"])
                 losses["kl"] = c["kl_weight"] * w * kl / (S - 1 if c["normalize_aux"] else 1)
             if c["gamma"] > 0:
-                hd = h.detach().float()
-                feat = sum(((hl.float() - hd) ** 2).sum(-1).mean() / hd.shape[-1] for hl, _ in outs)
+                feat = sum(feature_loss(hl, h, per_dim=True) for hl, _ in outs)
                 losses["feat"] = c["gamma"] * w * feat / norm
         if self.uses_store:
             with torch.no_grad():
@@ -406,7 +395,7 @@ class LSSKD(Method):
         if not len(self.aux):
             return {}
         feats = self.backbone.forward_stages(x)
-        return {f"branch{l + 1}": br(feats[l])[1][:, :: self.num_views] for l, br in enumerate(self.aux)}
+        return {f"branch{l + 1}": joint_class_logits(br(feats[l])[1], self.num_views) for l, br in enumerate(self.aux)}
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the step's views (M, or views_per_step) through

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .kd import soft_kl
+from .base import Method, register_method
+from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
 def virtual_teacher(y: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
@@ -63,5 +63,5 @@ class TeacherFreeKD(Method):
         teacher = soften(mix_targets(virtual_teacher(y, self.num_classes, a), mix), T)
         return logits, {
             "ce": (1.0 - alpha) * soft_cross_entropy(logits, onehot),
-            "reg": alpha * soft_kl(teacher, logits, T),
+            "reg": alpha * kl_div_probs(logits, teacher, T),
         }
