@@ -10,20 +10,8 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import Method, register_method
+from .branch import Branch
 from .losses import feature_loss, kl_div_probs, mix_targets, soft_cross_entropy
-
-
-class Exit(nn.Module):
-    """A shallow classifier: branch trunk -> global pool -> linear."""
-
-    def __init__(self, trunk: nn.Module, pool: nn.Module, feature_dim: int, num_classes: int):
-        super().__init__()
-        self.trunk, self.pool = trunk, pool
-        self.fc = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.pool(self.trunk(feat))
-        return h, self.fc(h)
 
 
 @register_method("byot")
@@ -52,19 +40,16 @@ class BeYourOwnTeacher(Method):
 
     defaults = {"alpha": 0.3, "T": 3.0, "lambda": 0.03}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         if not 0.0 <= self.cfg["alpha"] <= 1.0:
             raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
         if self.cfg["T"] <= 0:
             raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
         if self.cfg["lambda"] < 0:
             raise ConfigError(f"method.lambda must be >= 0, got {self.cfg['lambda']}")
-        bb = backbone
-        self.exits = nn.ModuleList(
-            Exit(bb.branch_trunk(l), bb.pool, bb.feature_dim, bb.num_classes)
-            for l in range(bb.num_stages - 1)
-        )
+        self.exits = nn.ModuleList(Branch(backbone, l, backbone.num_classes)
+                                   for l in range(backbone.num_stages - 1))
 
     def all_exits(self, x: torch.Tensor) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """(shallow exits' (h_l, z_l), shallow to deep; deepest h_S; deepest z_S)."""
@@ -87,9 +72,14 @@ class BeYourOwnTeacher(Method):
                         "branch_kd": kd_b, "branch_feat": feat_b}
 
     @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(deepest logits, each shallow exit's logits as ``branch1..``), one backbone pass."""
+        feats, _, logits = self.backbone.forward_features(x)
+        return logits, {f"branch{l + 1}": ex(f)[1] for l, (ex, f) in enumerate(zip(self.exits, feats))}
+
+    @torch.no_grad()
     def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        feats = self.backbone.forward_stages(x)
-        return {f"branch{l + 1}": ex(f)[1] for l, (ex, f) in enumerate(zip(self.exits, feats))}
+        return self.eval_forward(x)[1]
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training forward: backbone plus every exit."""

@@ -76,14 +76,14 @@ class KnowledgeDistillation(Method):
 
     defaults = {"teacher_checkpoint": "", "T": 4.0, "alpha": 0.9}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         if self.cfg["T"] <= 0:
             raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
         if not 0.0 <= self.cfg["alpha"] <= 1.0:
             raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
         teacher = load_teacher(self.cfg["teacher_checkpoint"], self.num_classes,
-                               context.get("input_shape"), context.get("classes"))
+                               self.context.input_shape, self.context.classes)
         # A plain list hides the teacher from nn.Module's registration.
         self._teacher = [teacher]
 
@@ -113,6 +113,7 @@ class KnowledgeDistillation(Method):
         }
 
     def training_macs(self, input_shape) -> int:
+        """MACs of one training sample: the student's forward pass and the teacher's."""
         from ..engine.profile import count_macs
 
-        return count_macs(self.backbone, input_shape) + count_macs(self.teacher, input_shape)
+        return super().training_macs(input_shape) + count_macs(self.teacher, input_shape)

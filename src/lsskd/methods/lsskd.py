@@ -67,6 +67,7 @@ from torch import nn
 from ..engine.distributed import all_gather_cat
 from ..engine.profile import count_macs
 from .base import Method, register_method
+from .branch import Branch
 from .losses import (feature_loss, joint_class_logits, joint_labels, kl_div, mix_targets,
                      soft_cross_entropy)
 from .store import choose_store, build_store
@@ -94,20 +95,6 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 0.0:
         return x.detach()
     return _ScaleGrad.apply(x, scale)
-
-
-class Branch(nn.Module):
-    """Auxiliary branch l: fresh copies of later stages (+final), pool, joint head."""
-
-    def __init__(self, backbone, level: int, out_dim: int):
-        super().__init__()
-        self.trunk = backbone.branch_trunk(level)
-        self.pool = type(backbone.pool)()
-        self.head = nn.Linear(backbone.feature_dim, out_dim)
-
-    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.pool(self.trunk(feat))
-        return h, self.head(h)
 
 
 class frozen_bn_stats:
@@ -160,8 +147,8 @@ class LSSKD(Method):
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
     }
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         c = self.cfg
         for key in ("alpha_T",):
             if not 0.0 <= c[key] <= 1.0:
@@ -190,7 +177,7 @@ class LSSKD(Method):
 
             raise ConfigError(f"method.gap_floor must be in (-1, 1) and method.gap_width > 0, got "
                               f"{c['gap_floor']} and {c['gap_width']}")
-        has_val = bool(context.get("has_val", False))
+        has_val = self.context.has_val
         self.gate_mode = c["gate"] if c["gate"] != "auto" else ("gap" if has_val else "fit")
         if self.gate_mode == "gap" and not has_val:
             from ..config import ConfigError
@@ -200,7 +187,7 @@ class LSSKD(Method):
         self.wants_val = self.gate_mode == "gap"
         views = c["views"]
         if views == "auto":
-            views = AUTO_VIEWS.get(context.get("modality", "image"), "rotation")
+            views = AUTO_VIEWS.get(self.context.modality, "rotation")
         self.views: ViewFamily = build_views(views if c["branches"] else "identity")
         M = self.views.num_views
         self.num_views = M
@@ -218,8 +205,8 @@ class LSSKD(Method):
             raise ConfigError(f"method.views_per_step must be in [0, {M}] (0 = all views), got {V}")
         self.views_per_step = M if V == 0 else V
         self._view_step = 0
-        self.uses_store = c["alpha_T"] > 0 and num_train > 0
-        n, sb = (num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
+        self.uses_store = c["alpha_T"] > 0 and self.num_train > 0
+        n, sb = (self.num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
         self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],
                                          c["store_budget_gb"])
         self.store = build_store(n, self.num_classes, sb, M, self.store_choice, c["store_on_host"])
@@ -390,12 +377,18 @@ class LSSKD(Method):
 
     # --- evaluation / deployment ------------------------------------------------
     @torch.no_grad()
-    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Branch l's class scores on upright images: joint logits at labels c*M + 0."""
+    def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(final logits, branch l's class scores on upright images: joint logits at labels
+        c*M + 0), from one backbone pass."""
         if not len(self.aux):
-            return {}
-        feats = self.backbone.forward_stages(x)
-        return {f"branch{l + 1}": joint_class_logits(br(feats[l])[1], self.num_views) for l, br in enumerate(self.aux)}
+            return self(x), {}
+        feats, _, logits = self.backbone.forward_features(x)
+        return logits, {f"branch{l + 1}": joint_class_logits(br(feats[l])[1], self.num_views)
+                        for l, br in enumerate(self.aux)}
+
+    @torch.no_grad()
+    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.eval_forward(x)[1]
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the step's views (M, or views_per_step) through

@@ -44,8 +44,8 @@ class TeacherFreeKD(Method):
 
     defaults = {"correct_prob": 0.9, "alpha": 0.1, "T": 20.0}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         a, alpha, T = self.cfg["correct_prob"], self.cfg["alpha"], self.cfg["T"]
         if not 0.0 < a <= 1.0:
             raise ConfigError(f"method.correct_prob must be in (0, 1], got {a}")

@@ -1,0 +1,37 @@
+"""The auxiliary classifier every branch-based method attaches after a stage.
+
+LSSKD/SAD-CE (HSAKD's branch design) and BYOT (its "shallow classifiers") build the
+same module: ``backbone.branch_trunk(level)`` (fresh copies of the deeper stages, or
+an extra block for the deepest, then of ``final``), the backbone's global pool and a
+new linear head. It returns the pooled feature h_l (for feature losses) and the
+head's logits (class logits for BYOT, joint class x view logits for LSSKD).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+from torch import nn
+
+
+class Branch(nn.Module):
+    """Auxiliary classifier reading stage ``level`` (0-based): trunk -> pool -> Linear(feature_dim, out_dim)."""
+
+    def __init__(self, backbone, level: int, out_dim: int):
+        super().__init__()
+        self.trunk = backbone.branch_trunk(level)
+        self.pool = copy.deepcopy(backbone.pool)  # parameter-free (global average pooling)
+        self.head = nn.Linear(backbone.feature_dim, out_dim)
+
+    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.pool(self.trunk(feat))
+        return h, self.head(h)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # BYOT checkpoints written before the merge call the head ``fc``.
+        for name in ("weight", "bias"):
+            old = f"{prefix}fc.{name}"
+            if old in state_dict and f"{prefix}head.{name}" not in state_dict:
+                state_dict[f"{prefix}head.{name}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
