@@ -301,7 +301,7 @@ class Trainer:
         if self.tcfg["compile"]:
             compile_modules(self.method)
         self.iterator = BatchIterator(self.bundle.train, self.tcfg["batch_size"] // self.dist.world_size
-                                      * self.dist.world_size, True, True,
+                                      * self.dist.world_size, True, self.tcfg["drop_last"],
                                       self.dist.rank, self.dist.world_size)
         self.data_gen = torch.Generator().manual_seed(cfg["seed"])
         self.aug_gen = torch.Generator().manual_seed(cfg["seed"] + 1)

@@ -55,6 +55,13 @@ Scale options (issue 5; docs/scale.md):
   L_hier, L_KL and L_feat then cover those V*B rows only, and only the chosen
   views' store rows are rewritten; the others keep their previous predictions.
   The backbone + branch cost per step falls by about V / M.
+
+Store under CutMix (issue 18): ``store_mixed``: ``skip`` (default): a CutMix-ed batch
+reads its targets from the store but writes nothing, so every row keeps the prediction
+of the last unmixed batch that held the sample (a mixed image's prediction carries the
+pasted image's class into the next epoch's target) | ``store``: mixed batches write their
+predictions too (the behaviour before this option; PS-KD's official code does this).
+``skip`` with ``data.augment.cutmix_prob >= 1`` is a config error (nothing would be stored).
 """
 from __future__ import annotations
 
@@ -145,6 +152,7 @@ class LSSKD(Method):
         # (a negative floor opens it even while held-out top-1 exceeds training top-1)
         "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
+        "store_mixed": "skip",  # skip | store: what a CutMix-ed batch writes into the store
     }
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
@@ -163,7 +171,8 @@ class LSSKD(Method):
             from ..config import ConfigError
 
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
-        for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split"))):
+        for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
+                             ("store_mixed", ("skip", "store"))):
             if c[key] not in allowed:
                 from ..config import ConfigError
 
@@ -206,6 +215,13 @@ class LSSKD(Method):
         self.views_per_step = M if V == 0 else V
         self._view_step = 0
         self.uses_store = c["alpha_T"] > 0 and self.num_train > 0
+        if self.uses_store and c["store_mixed"] == "skip" and self.context.cutmix_prob >= 1.0:
+            from ..config import ConfigError
+
+            raise ConfigError("method.store_mixed=skip keeps CutMix-ed batches out of the soft-target "
+                              f"store, but data.augment.cutmix_prob={self.context.cutmix_prob} mixes "
+                              "every batch, so nothing would ever be stored: lower cutmix_prob or set "
+                              "method.store_mixed=store")
         n, sb = (self.num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
         self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],
                                          c["store_budget_gb"])
@@ -353,7 +369,8 @@ class LSSKD(Method):
             if c["gamma"] > 0:
                 feat = sum(feature_loss(hl, h, per_dim=True) for hl, _ in outs)
                 losses["feat"] = c["gamma"] * w * feat / norm
-        if self.uses_store:
+        self._pending = None
+        if self.uses_store and (mix is None or c["store_mixed"] == "store"):
             with torch.no_grad():
                 p_new = F.softmax(z.detach().float(), -1)
                 q_new = None
