@@ -41,6 +41,7 @@ def test_context_from_bundle_and_keywords(cifar_bundle):
     # The trainer's one call site passes exactly this context.
     cfg = _cfg("unused", "lsskd", "data.augment.cutmix_prob=0.5")
     assert build_method(cfg, cell).context == ctx
+    assert MethodContext.of(ctx, train_labels=cell.train.y.clone()) == ctx  # labels are not compared
     # Keywords (tests, scripts) are checked against the dataclass's fields.
     m = METHODS.build("ce", build_model("resnet8", 2), {}, num_train=3, modality="signal")
     assert m.context == MethodContext(num_train=3, modality="signal") and m.num_train == 3

@@ -13,7 +13,7 @@ trainer builds it in one place, ``MethodContext.from_bundle``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -41,7 +41,7 @@ class MethodContext:
     classes: Optional[Tuple[str, ...]] = None
     input_shape: Optional[Tuple[int, ...]] = None
     modality: str = "image"
-    train_labels: Optional[torch.Tensor] = None
+    train_labels: Optional[torch.Tensor] = field(default=None, compare=False)  # a tensor: no ==
     has_val: bool = False
     cutmix_prob: float = 0.0
 
