@@ -5,6 +5,10 @@ same module: ``backbone.branch_trunk(level)`` (fresh copies of the deeper stages
 an extra block for the deepest, then of ``final``), the backbone's global pool and a
 new linear head. It returns the pooled feature h_l (for feature losses) and the
 head's logits (class logits for BYOT, joint class x view logits for LSSKD).
+
+Also here: how a branch may attach to the backbone (``scale_grad``: the share of the
+branch's gradient that reaches the backbone) and ``frozen_bn_stats`` (run the backbone
+on extra views without moving its batch-norm running statistics).
 """
 from __future__ import annotations
 
@@ -35,3 +39,41 @@ class Branch(nn.Module):
             if old in state_dict and f"{prefix}head.{name}" not in state_dict:
                 state_dict[f"{prefix}head.{name}"] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return _ScaleGrad.apply(x, scale)
+
+
+class frozen_bn_stats:
+    """Within the block, batch-norm layers in training mode normalise with the batch's
+    statistics but leave their running statistics (and batch counters) untouched."""
+
+    def __init__(self, module: nn.Module):
+        self.bns = [m for m in module.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def __enter__(self):
+        for m in self.bns:
+            m.track_running_stats = False
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.bns:
+            m.track_running_stats = True
+        return False

@@ -71,10 +71,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..engine.distributed import all_gather_cat
 from ..engine.profile import count_macs
 from .base import Method, register_method
-from .branch import Branch
+from .branch import Branch, frozen_bn_stats, scale_grad
 from .losses import (feature_loss, joint_class_logits, joint_labels, kl_div, mix_targets,
                      soft_cross_entropy)
 from .store import choose_store, build_store
@@ -83,44 +84,6 @@ from .transforms import ViewFamily, build_views
 
 # Default self-supervised family per data modality (``method.views=auto``).
 AUTO_VIEWS = {"image": "rotation", "signal": "time_flip"}
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale == 1.0:
-        return x
-    if scale == 0.0:
-        return x.detach()
-    return _ScaleGrad.apply(x, scale)
-
-
-class frozen_bn_stats:
-    """Within the block, batch-norm layers in training mode normalise with the batch's
-    statistics but leave their running statistics (and batch counters) untouched."""
-
-    def __init__(self, module: nn.Module):
-        self.bns = [m for m in module.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-    def __enter__(self):
-        for m in self.bns:
-            m.track_running_stats = False
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.bns:
-            m.track_running_stats = True
-        return False
 
 
 @register_method("lsskd")
@@ -158,39 +121,24 @@ class LSSKD(Method):
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
         c = self.cfg
-        for key in ("alpha_T",):
-            if not 0.0 <= c[key] <= 1.0:
-                from ..config import ConfigError
-
-                raise ConfigError(f"method.{key} must be in [0, 1], got {c[key]}")
+        if not 0.0 <= c["alpha_T"] <= 1.0:
+            raise ConfigError(f"method.alpha_T must be in [0, 1], got {c['alpha_T']}")
         if c["alpha_mode"] not in ("linear", "fit", "confidence"):
-            from ..config import ConfigError
-
             raise ConfigError(f"method.alpha_mode must be linear, fit or confidence, got {c['alpha_mode']!r}")
         if c["kl_mode"] not in ("deepest", "next"):
-            from ..config import ConfigError
-
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
         for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
                              ("store_mixed", ("skip", "store"))):
             if c[key] not in allowed:
-                from ..config import ConfigError
-
                 raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
         if not 0.0 <= c["gate_floor"] < 1.0:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.gate_floor must be in [0, 1), got {c['gate_floor']}")
         if not (-1.0 < c["gap_floor"] < 1.0 and c["gap_width"] > 0.0):
-            from ..config import ConfigError
-
             raise ConfigError(f"method.gap_floor must be in (-1, 1) and method.gap_width > 0, got "
                               f"{c['gap_floor']} and {c['gap_width']}")
         has_val = self.context.has_val
         self.gate_mode = c["gate"] if c["gate"] != "auto" else ("gap" if has_val else "fit")
         if self.gate_mode == "gap" and not has_val:
-            from ..config import ConfigError
-
             raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
                               "(e.g. 0.1), or use method.gate=fit")
         self.wants_val = self.gate_mode == "gap"
@@ -204,20 +152,14 @@ class LSSKD(Method):
         self.aux = nn.ModuleList([Branch(backbone, l, M * self.num_classes) for l in range(S)])
         dtype = {"float32": torch.float32, "float16": torch.float16}.get(c["store_dtype"])
         if dtype is None:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.store_dtype must be float32 or float16, got {c['store_dtype']!r}")
         V = c["views_per_step"]
         if not 0 <= V <= M:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.views_per_step must be in [0, {M}] (0 = all views), got {V}")
         self.views_per_step = M if V == 0 else V
         self._view_step = 0
         self.uses_store = c["alpha_T"] > 0 and self.num_train > 0
         if self.uses_store and c["store_mixed"] == "skip" and self.context.cutmix_prob >= 1.0:
-            from ..config import ConfigError
-
             raise ConfigError("method.store_mixed=skip keeps CutMix-ed batches out of the soft-target "
                               f"store, but data.augment.cutmix_prob={self.context.cutmix_prob} mixes "
                               "every batch, so nothing would ever be stored: lower cutmix_prob or set "
