@@ -73,10 +73,15 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
+def _isolated_global_state():
+    """The references were recorded in a fresh process: same thread count (the runs set
+    one thread) and torch's default algorithms, whatever earlier tests left behind."""
+    n, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
     yield
     torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(det, warn_only=warn)
 
 
 def _run(case, cell, runs):
