@@ -34,10 +34,10 @@ class _Branchy(Method):
 
     defaults = {}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         self.aux = nn.Sequential(nn.Linear(backbone.feature_dim, 64), nn.ReLU(), nn.Linear(64, self.num_classes))
-        self.register_buffer("store", torch.zeros(num_train, self.num_classes))
+        self.register_buffer("store", torch.zeros(self.num_train, self.num_classes))
 
     def train_forward(self, x, y, idx, mix):
         _, h, logits = self.backbone.forward_features(x)

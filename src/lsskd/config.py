@@ -71,6 +71,9 @@ DEFAULTS: Dict[str, Any] = {
         "deterministic": False,
         "bn_recalibrate": False,  # re-estimate BN stats on upright train images before eval
         "sync_bn": False,
+        # false: the short last batch trains too, so every sample's stored prediction is
+        # rewritten every epoch (docs/method.md); true keeps earlier results bit-identical.
+        "drop_last": True,
     },
     "optim": {
         "name": "sgd",

@@ -256,8 +256,11 @@ class BatchIterator:
             )
 
     def __len__(self) -> int:
-        n = len(self.ds)
-        return n // self.bs if self.drop_last else -(-n // self.bs)
+        # Without drop_last the short last batch counts if every rank gets a row of it:
+        # each rank takes len // world_size of its rows (equal shapes for DDP's
+        # collectives), so under DDP up to world_size - 1 samples are still skipped.
+        full, rest = divmod(len(self.ds), self.bs)
+        return full + (1 if not self.drop_last and rest >= self.world else 0)
 
     def order(self, generator: torch.Generator | None) -> torch.Tensor:
         n = len(self.ds)

@@ -23,6 +23,8 @@ from .. import __version__
 from ..config import ConfigError, dump
 from ..data import BatchAugment, BatchIterator, DataBundle, build_data
 from ..models import build_model
+from ..methods.base import MethodContext
+from ..methods.store import StoreBase
 from ..registry import METHODS
 from .checkpoint import (CheckpointError, atomic_write_json, atomic_write_text, load_latest,
                          previous_path, save_checkpoint)
@@ -144,9 +146,7 @@ def build_optimizer(params, cfg_optim: Dict) -> torch.optim.Optimizer:
 def build_method(cfg: Dict, bundle: DataBundle):
     backbone = build_model(cfg["model"]["name"], len(bundle.classes), **cfg["model"].get("kwargs", {}))
     cls = METHODS.get(cfg["method"]["name"])
-    method = cls(backbone, cfg["method"], num_train=len(bundle.train), modality=bundle.modality,
-                 input_shape=bundle.input_shape, train_labels=bundle.train.y,
-                 has_val=bundle.val is not None)
+    method = cls(backbone, cfg["method"], MethodContext.from_bundle(bundle, cfg["data"]["augment"]["cutmix_prob"]))
     if method.wants_val and bundle.val is None:
         # Built-in methods refuse this themselves; a third-party one would otherwise fail
         # mid-run on a missing split.
@@ -178,8 +178,8 @@ def evaluate(method, ds, aug: BatchAugment, batch_size: int, device, channels_la
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = method(x).float()
-            outs = method.eval_outputs(x)
+            logits, outs = method.eval_forward(x)
+            logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         hits = topk_correct(logits, y)
         c1 += hits[1]
@@ -271,7 +271,7 @@ class Trainer:
         if self.tcfg["channels_last"]:
             # Not the soft-target store: its 4-D buffers are tables, not images.
             for child in self.method.children():
-                if not getattr(child, "is_store", False):
+                if not isinstance(child, StoreBase):
                     child.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.tcfg["sync_bn"]:
             if self.device.type != "cuda":
@@ -293,7 +293,7 @@ class Trainer:
             # Every rank writes the same gathered rows into its store (after_step), so the
             # store is left out of DDP's per-forward buffer broadcast (N x 4900 values).
             store_bufs = [f"{name}.{b}" for name, mod in self.method.named_modules()
-                          if getattr(mod, "is_store", False) for b, _ in mod.named_buffers()]
+                          if isinstance(mod, StoreBase) for b, _ in mod.named_buffers()]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self.method, store_bufs)
             self.model_for_step = nn.parallel.DistributedDataParallel(
@@ -301,7 +301,7 @@ class Trainer:
         if self.tcfg["compile"]:
             compile_modules(self.method)
         self.iterator = BatchIterator(self.bundle.train, self.tcfg["batch_size"] // self.dist.world_size
-                                      * self.dist.world_size, True, True,
+                                      * self.dist.world_size, True, self.tcfg["drop_last"],
                                       self.dist.rank, self.dist.world_size)
         self.data_gen = torch.Generator().manual_seed(cfg["seed"])
         self.aug_gen = torch.Generator().manual_seed(cfg["seed"] + 1)

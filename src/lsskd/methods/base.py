@@ -1,52 +1,112 @@
 """The method contract (one small class per method).
 
-``method(x, y, idx)`` in training mode returns ``(logits, losses)``: the main
+``method(x, y, idx, mix)`` in training mode returns ``(logits, losses)``: the main
 classifier's logits on the untransformed batch and a dict of named, already
 weighted loss terms whose sum is optimised. In eval mode ``method(x)`` returns
-the deployed backbone's logits only. ``deploy()`` returns the bare backbone.
+the deployed backbone's logits only, and :meth:`Method.eval_forward` returns them
+together with any auxiliary heads' scores from one backbone pass. ``deploy()``
+returns the bare backbone.
+
+A method is built as ``cls(backbone, cfg, context)``: ``cfg`` is its ``method.``
+config section, ``context`` a :class:`MethodContext` describing the run's data (the
+trainer builds it in one place, ``MethodContext.from_bundle``).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import validate_section
 from ..data.augment import MixInfo
 from ..models.staged import StagedBackbone
+from .losses import mix_targets, soft_cross_entropy  # noqa: F401  (re-exported)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CE(logits, q) = -sum_c q_c log softmax(logits)_c, averaged over rows."""
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know about the run it trains in (everything optional).
 
+    ``num_train``: training samples (per-sample stores need it; 0 = unknown/none);
+    ``classes``: class names in label order (KD compares its teacher's);
+    ``input_shape``: one input's shape, e.g. (3, 32, 32); ``modality``: ``image`` |
+    ``signal``; ``train_labels``: the training labels (CS-KD's pair sampler);
+    ``has_val``: the run holds out a validation split (``data.val_fraction`` > 0);
+    ``cutmix_prob``: probability that a training batch is CutMix-ed
+    (``data.augment.cutmix_prob``)."""
 
-def mix_targets(target: torch.Tensor, mix: Optional[MixInfo], group: int = 1) -> torch.Tensor:
-    """CutMix: row i's target becomes lam*t_i + (1-lam)*t_perm(i). With ``group`` > 1 the
-    rows are ``group`` stacked copies of the batch (views), each mixed the same way."""
-    if mix is None:
-        return target
-    b = len(mix.perm)
-    t = target.view(group, b, -1)
-    return (mix.lam * t + (1 - mix.lam) * t[:, mix.perm]).view_as(target)
+    num_train: int = 0
+    classes: Optional[Tuple[str, ...]] = None
+    input_shape: Optional[Tuple[int, ...]] = None
+    modality: str = "image"
+    train_labels: Optional[torch.Tensor] = field(default=None, compare=False)  # a tensor: no ==
+    has_val: bool = False
+    cutmix_prob: float = 0.0
+
+    def __post_init__(self):
+        # Normalise sequences to tuples (lists from configs or bundles compare equal).
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+
+    @classmethod
+    def from_bundle(cls, bundle, cutmix_prob: float = 0.0) -> "MethodContext":
+        """The context of a run on ``bundle`` (a :class:`lsskd.data.DataBundle`)."""
+        return cls(num_train=len(bundle.train), classes=tuple(bundle.classes),
+                   input_shape=tuple(bundle.input_shape), modality=bundle.modality,
+                   train_labels=bundle.train.y, has_val=bundle.val is not None,
+                   cutmix_prob=float(cutmix_prob))
+
+    @classmethod
+    def of(cls, context: "MethodContext | None" = None, **fields_) -> "MethodContext":
+        """``context`` with ``fields_`` replaced (keywords must be field names)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(fields_) - names)
+        if unknown:
+            raise TypeError(f"unknown method context field(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(names))}")
+        base = context or cls()
+        return cls(**{**{n: getattr(base, n) for n in names}, **fields_})
 
 
 class Method(nn.Module):
     """Base class. Subclasses set ``defaults`` (their config keys) and implement
-    :meth:`train_forward`."""
+    :meth:`train_forward`.
+
+    Construction: ``cls(backbone, cfg, context)`` with a :class:`MethodContext`. For
+    tests and scripts the context's fields may be given as keywords instead
+    (``cls(backbone, cfg, num_train=8)``); both end up in ``self.context``.
+
+    One training step, as the trainer drives it::
+
+        logits, losses = method(x, y, idx, mix)   # train_forward
+        sum(losses.values()).backward(); optimizer.step()
+        method.after_step()
+
+    ``train_forward`` must not change per-sample state (e.g. a soft-target store)
+    itself: the step may still be skipped (a non-finite loss with
+    ``train.nonfinite=skip``), and stored predictions must describe the model that
+    produced them. It keeps what it wants to write as pending (LSSKD: the batch's
+    indices and detached predictions) and :meth:`after_step`, called only after the
+    optimiser step succeeded, commits it (under DDP, gathering every rank's rows so
+    all ranks hold the same state). A skipped step never reaches ``after_step``; the
+    next ``train_forward`` overwrites the pending rows.
+    """
 
     defaults: Dict = {}
 
-    def __init__(self, backbone: StagedBackbone, cfg: Dict | None = None, num_train: int = 0,
-                 **context):
+    def __init__(self, backbone: StagedBackbone, cfg: Dict | None = None,
+                 context: MethodContext | None = None, **context_fields):
         super().__init__()
         self.cfg = validate_section(cfg or {}, self.defaults, "method.")
         self.backbone = backbone
         self.num_classes = backbone.num_classes
-        self.num_train = num_train
-        self.context = context
+        self.context = MethodContext.of(context, **context_fields) if context_fields else (
+            context or MethodContext())
+        self.num_train = self.context.num_train
         self.epoch, self.total_epochs = 1, 1
 
     # --- contract ----------------------------------------------------------
@@ -57,6 +117,7 @@ class Method(nn.Module):
         return self.backbone(x)
 
     def train_forward(self, x, y, idx, mix) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(logits, {name: weighted loss term})`` for a training batch (class docstring)."""
         raise NotImplementedError
 
     # --- hooks the trainer calls ------------------------------------------
@@ -65,7 +126,8 @@ class Method(nn.Module):
         self.epoch, self.total_epochs = epoch, total_epochs
 
     def after_step(self) -> None:
-        """Called after the optimiser step (e.g. to commit stored predictions)."""
+        """Called after a successful optimiser step: commit what ``train_forward`` left
+        pending (class docstring)."""
 
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
         """Sees the epoch's mean training stats (e.g. train accuracy)."""
@@ -87,15 +149,28 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Extra per-head class scores for evaluation, e.g. ``{'branch1': logits}``."""
+        """Extra per-head class scores for evaluation, e.g. ``{'branch1': logits}``.
+        A method with extra heads overrides :meth:`eval_forward` instead (one pass);
+        this remains for methods written against the earlier contract."""
         return {}
+
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Evaluation in eval mode: (the deployed backbone's logits, extra heads' class
+        scores such as ``{'branch1': logits}``). Methods with extra heads override this
+        to get both from one backbone pass."""
+        return self(x), self.eval_outputs(x)
 
     def deploy(self) -> StagedBackbone:
         """The model to ship: exactly the backbone, no auxiliary parts."""
         return self.backbone
 
-    def sync_state(self, world_size: int) -> None:
-        """DDP: make per-sample state identical across ranks (no-op when stateless)."""
+    def training_macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-accumulates of one training sample's forward pass (every network the
+        method runs: branches, a teacher, extra views). Default: the backbone alone."""
+        from ..engine.profile import count_macs
+
+        return count_macs(self.backbone, input_shape)
 
 
 def register_method(name: str):

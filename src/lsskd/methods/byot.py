@@ -9,21 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .kd import soft_kl
-
-
-class Exit(nn.Module):
-    """A shallow classifier: branch trunk -> global pool -> linear."""
-
-    def __init__(self, trunk: nn.Module, pool: nn.Module, feature_dim: int, num_classes: int):
-        super().__init__()
-        self.trunk, self.pool = trunk, pool
-        self.fc = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.pool(self.trunk(feat))
-        return h, self.fc(h)
+from .base import Method, register_method
+from .branch import Branch
+from .losses import feature_loss, kl_div_probs, mix_targets, soft_cross_entropy
 
 
 @register_method("byot")
@@ -52,19 +40,16 @@ class BeYourOwnTeacher(Method):
 
     defaults = {"alpha": 0.3, "T": 3.0, "lambda": 0.03}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         if not 0.0 <= self.cfg["alpha"] <= 1.0:
             raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
         if self.cfg["T"] <= 0:
             raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
         if self.cfg["lambda"] < 0:
             raise ConfigError(f"method.lambda must be >= 0, got {self.cfg['lambda']}")
-        bb = backbone
-        self.exits = nn.ModuleList(
-            Exit(bb.branch_trunk(l), bb.pool, bb.feature_dim, bb.num_classes)
-            for l in range(bb.num_stages - 1)
-        )
+        self.exits = nn.ModuleList(Branch(backbone, l, backbone.num_classes)
+                                   for l in range(backbone.num_stages - 1))
 
     def all_exits(self, x: torch.Tensor) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """(shallow exits' (h_l, z_l), shallow to deep; deepest h_S; deepest z_S)."""
@@ -77,20 +62,24 @@ class BeYourOwnTeacher(Method):
         shallow, h_deep, logits = self.all_exits(x)
         target = mix_targets(F.one_hot(y, self.num_classes).float(), mix)
         teacher = F.softmax(logits.detach().float() / T, dim=-1)
-        h_t = h_deep.detach().float()
         zero = logits.new_zeros((), dtype=torch.float32)
         ce_b, kd_b, feat_b = zero, zero, zero
         for h, z in shallow:
             ce_b = ce_b + (1.0 - alpha) * soft_cross_entropy(z, target)
-            kd_b = kd_b + alpha * soft_kl(teacher, z, T)
-            feat_b = feat_b + lam * (h.float() - h_t).pow(2).sum(-1).mean()
+            kd_b = kd_b + alpha * kl_div_probs(z, teacher, T)
+            feat_b = feat_b + lam * feature_loss(h, h_deep, per_dim=False)
         return logits, {"ce": soft_cross_entropy(logits, target), "branch_ce": ce_b,
                         "branch_kd": kd_b, "branch_feat": feat_b}
 
     @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(deepest logits, each shallow exit's logits as ``branch1..``), one backbone pass."""
+        feats, _, logits = self.backbone.forward_features(x)
+        return logits, {f"branch{l + 1}": ex(f)[1] for l, (ex, f) in enumerate(zip(self.exits, feats))}
+
+    @torch.no_grad()
     def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        feats = self.backbone.forward_stages(x)
-        return {f"branch{l + 1}": ex(f)[1] for l, (ex, f) in enumerate(zip(self.exits, feats))}
+        return self.eval_forward(x)[1]
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training forward: backbone plus every exit."""

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import Method, mix_targets, register_method, soft_cross_entropy
+from .base import Method, register_method
+from .losses import mix_targets, soft_cross_entropy
 
 
 @register_method("ce")

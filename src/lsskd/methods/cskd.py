@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .kd import soft_kl
+from .base import Method, register_method
+from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
 class ClassPairSampler:
@@ -57,13 +57,13 @@ class ClassWiseSelfKD(Method):
 
     defaults = {"T": 4.0, "lambda": 1.0}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         if self.cfg["T"] <= 0:
             raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
         if self.cfg["lambda"] < 0:
             raise ConfigError(f"method.lambda must be >= 0, got {self.cfg['lambda']}")
-        labels = context.get("train_labels")
+        labels = self.context.train_labels
         self.sampler = ClassPairSampler(labels) if labels is not None else None
 
     def sample_extra(self, idx, labels, g):
@@ -83,5 +83,9 @@ class ClassWiseSelfKD(Method):
         target = mix_targets(F.one_hot(y, self.num_classes).float(), mix)[:b]
         return logits, {
             "ce": soft_cross_entropy(logits, target),
-            "cls": self.cfg["lambda"] * soft_kl(pair_prob, logits, T),
+            "cls": self.cfg["lambda"] * kl_div_probs(logits, pair_prob, T),
         }
+
+    def training_macs(self, input_shape) -> int:
+        """MACs of one training sample: its own forward pass and its pair's (gradient-free)."""
+        return 2 * super().training_macs(input_shape)

@@ -10,17 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-
-
-def soft_kl(target: torch.Tensor, logits: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * mean_i KL(target_i || softmax(logits_i / T)); ``target`` holds probabilities
-    and is treated as a constant. T^2 keeps gradient magnitudes comparable across T
-    (Hinton et al. 2015, Sec. 2)."""
-    target = target.detach().float()
-    logq = F.log_softmax(logits.float() / T, dim=-1)
-    kl = (torch.xlogy(target, target) - target * logq).sum(-1)
-    return (T * T) * kl.mean()
+from .base import Method, register_method
+from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
 def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
@@ -85,14 +76,14 @@ class KnowledgeDistillation(Method):
 
     defaults = {"teacher_checkpoint": "", "T": 4.0, "alpha": 0.9}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         if self.cfg["T"] <= 0:
             raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
         if not 0.0 <= self.cfg["alpha"] <= 1.0:
             raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
         teacher = load_teacher(self.cfg["teacher_checkpoint"], self.num_classes,
-                               context.get("input_shape"), context.get("classes"))
+                               self.context.input_shape, self.context.classes)
         # A plain list hides the teacher from nn.Module's registration.
         self._teacher = [teacher]
 
@@ -118,10 +109,11 @@ class KnowledgeDistillation(Method):
         onehot = mix_targets(F.one_hot(y, self.num_classes).float(), mix)
         return logits, {
             "ce": (1.0 - alpha) * soft_cross_entropy(logits, onehot),
-            "kd": alpha * soft_kl(t_prob, logits, T),
+            "kd": alpha * kl_div_probs(logits, t_prob, T),
         }
 
     def training_macs(self, input_shape) -> int:
+        """MACs of one training sample: the student's forward pass and the teacher's."""
         from ..engine.profile import count_macs
 
-        return count_macs(self.backbone, input_shape) + count_macs(self.teacher, input_shape)
+        return super().training_macs(input_shape) + count_macs(self.teacher, input_shape)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
+from .base import Method, register_method
+from .losses import mix_targets, soft_cross_entropy
 
 
 def smoothed_targets(y, num_classes: int, epsilon: float):
@@ -26,8 +27,8 @@ class LabelSmoothing(Method):
 
     defaults = {"epsilon": 0.1}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         eps = self.cfg["epsilon"]
         if not 0.0 <= eps < 1.0:
             raise ConfigError(f"method.epsilon must be in [0, 1), got {eps}")

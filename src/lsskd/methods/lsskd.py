@@ -55,6 +55,13 @@ Scale options (issue 5; docs/scale.md):
   L_hier, L_KL and L_feat then cover those V*B rows only, and only the chosen
   views' store rows are rewritten; the others keep their previous predictions.
   The backbone + branch cost per step falls by about V / M.
+
+Store under CutMix (issue 18): ``store_mixed``: ``skip`` (default): a CutMix-ed batch
+reads its targets from the store but writes nothing, so every row keeps the prediction
+of the last unmixed batch that held the sample (a mixed image's prediction carries the
+pasted image's class into the next epoch's target) | ``store``: mixed batches write their
+predictions too (the behaviour before this option; PS-KD's official code does this).
+``skip`` with ``data.augment.cutmix_prob >= 1`` is a config error (nothing would be stored).
 """
 from __future__ import annotations
 
@@ -64,75 +71,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..engine.distributed import all_gather_cat
 from ..engine.profile import count_macs
-from .base import Method, mix_targets, register_method, soft_cross_entropy
+from .base import Method, register_method
+from .branch import Branch, frozen_bn_stats, scale_grad
+from .losses import (feature_loss, joint_class_logits, joint_labels, kl_div, mix_targets,
+                     soft_cross_entropy)
 from .store import choose_store, build_store
 from .transforms import ViewFamily, build_views
 
 
 # Default self-supervised family per data modality (``method.views=auto``).
 AUTO_VIEWS = {"image": "rotation", "signal": "time_flip"}
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale == 1.0:
-        return x
-    if scale == 0.0:
-        return x.detach()
-    return _ScaleGrad.apply(x, scale)
-
-
-class Branch(nn.Module):
-    """Auxiliary branch l: fresh copies of later stages (+final), pool, joint head."""
-
-    def __init__(self, backbone, level: int, out_dim: int, last: str = "stage"):
-        super().__init__()
-        self.trunk = backbone.branch_trunk(level, last)
-        self.pool = type(backbone.pool)()
-        self.head = nn.Linear(backbone.feature_dim, out_dim)
-
-    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.pool(self.trunk(feat))
-        return h, self.head(h)
-
-
-class frozen_bn_stats:
-    """Within the block, batch-norm layers in training mode normalise with the batch's
-    statistics but leave their running statistics (and batch counters) untouched."""
-
-    def __init__(self, module: nn.Module):
-        self.bns = [m for m in module.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-    def __enter__(self):
-        for m in self.bns:
-            m.track_running_stats = False
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.bns:
-            m.track_running_stats = True
-        return False
-
-
-def kl_div(student_logits, teacher_logits, tau: float) -> torch.Tensor:
-    """tau^2 * KL(softmax(t/tau) || softmax(s/tau)), mean over rows; teacher detached."""
-    t = F.softmax(teacher_logits.detach().float() / tau, dim=-1)
-    log_s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    log_t = F.log_softmax(teacher_logits.detach().float() / tau, dim=-1)
-    return (tau ** 2) * (t * (log_t - log_s)).sum(-1).mean()
 
 
 @register_method("lsskd")
@@ -165,50 +116,37 @@ class LSSKD(Method):
         "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
         "last_branch": "stage",  # stage (HSAKD) | block (before issue 18): deepest branch's trunk
+        "store_mixed": "skip",  # skip | store: what a CutMix-ed batch writes into the store
     }
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         c = self.cfg
-        for key in ("alpha_T",):
-            if not 0.0 <= c[key] <= 1.0:
-                from ..config import ConfigError
-
-                raise ConfigError(f"method.{key} must be in [0, 1], got {c[key]}")
+        if not 0.0 <= c["alpha_T"] <= 1.0:
+            raise ConfigError(f"method.alpha_T must be in [0, 1], got {c['alpha_T']}")
         if c["alpha_mode"] not in ("linear", "fit", "confidence"):
-            from ..config import ConfigError
-
             raise ConfigError(f"method.alpha_mode must be linear, fit or confidence, got {c['alpha_mode']!r}")
         if c["kl_mode"] not in ("deepest", "next"):
-            from ..config import ConfigError
-
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
         for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
-                             ("last_branch", ("stage", "block"))):
+                             ("last_branch", ("stage", "block")),
+                             ("store_mixed", ("skip", "store"))):
             if c[key] not in allowed:
-                from ..config import ConfigError
-
                 raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
         if not 0.0 <= c["gate_floor"] < 1.0:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.gate_floor must be in [0, 1), got {c['gate_floor']}")
         if not (-1.0 < c["gap_floor"] < 1.0 and c["gap_width"] > 0.0):
-            from ..config import ConfigError
-
             raise ConfigError(f"method.gap_floor must be in (-1, 1) and method.gap_width > 0, got "
                               f"{c['gap_floor']} and {c['gap_width']}")
-        has_val = bool(context.get("has_val", False))
+        has_val = self.context.has_val
         self.gate_mode = c["gate"] if c["gate"] != "auto" else ("gap" if has_val else "fit")
         if self.gate_mode == "gap" and not has_val:
-            from ..config import ConfigError
-
             raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
                               "(e.g. 0.1), or use method.gate=fit")
         self.wants_val = self.gate_mode == "gap"
         views = c["views"]
         if views == "auto":
-            views = AUTO_VIEWS.get(context.get("modality", "image"), "rotation")
+            views = AUTO_VIEWS.get(self.context.modality, "rotation")
         self.views: ViewFamily = build_views(views if c["branches"] else "identity")
         M = self.views.num_views
         self.num_views = M
@@ -216,18 +154,19 @@ class LSSKD(Method):
         self.aux = nn.ModuleList([Branch(backbone, l, M * self.num_classes, c["last_branch"]) for l in range(S)])
         dtype = {"float32": torch.float32, "float16": torch.float16}.get(c["store_dtype"])
         if dtype is None:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.store_dtype must be float32 or float16, got {c['store_dtype']!r}")
         V = c["views_per_step"]
         if not 0 <= V <= M:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.views_per_step must be in [0, {M}] (0 = all views), got {V}")
         self.views_per_step = M if V == 0 else V
         self._view_step = 0
-        self.uses_store = c["alpha_T"] > 0 and num_train > 0
-        n, sb = (num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
+        self.uses_store = c["alpha_T"] > 0 and self.num_train > 0
+        if self.uses_store and c["store_mixed"] == "skip" and self.context.cutmix_prob >= 1.0:
+            raise ConfigError("method.store_mixed=skip keeps CutMix-ed batches out of the soft-target "
+                              f"store, but data.augment.cutmix_prob={self.context.cutmix_prob} mixes "
+                              "every batch, so nothing would ever be stored: lower cutmix_prob or set "
+                              "method.store_mixed=store")
+        n, sb = (self.num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
         self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],
                                          c["store_budget_gb"])
         self.store = build_store(n, self.num_classes, sb, M, self.store_choice, c["store_on_host"])
@@ -351,11 +290,7 @@ class LSSKD(Method):
         if outs:
             w = self.aux_scale()
             norm = len(outs) if c["normalize_aux"] else 1
-            if views is None:
-                joint = ViewFamily.joint_labels(y, M)
-            else:
-                k = torch.tensor(views, device=y.device).repeat_interleave(B)
-                joint = y.repeat(V) * M + k
+            joint = joint_labels(y, M, views)
             hard_q = F.one_hot(joint, M * C).float()
             hier = 0.0
             for l, (_, s) in enumerate(outs):
@@ -376,10 +311,10 @@ class LSSKD(Method):
                     kl = kl + kl_div(outs[l][1], teacher, c["tau"])
                 losses["kl"] = c["kl_weight"] * w * kl / (S - 1 if c["normalize_aux"] else 1)
             if c["gamma"] > 0:
-                hd = h.detach().float()
-                feat = sum(((hl.float() - hd) ** 2).sum(-1).mean() / hd.shape[-1] for hl, _ in outs)
+                feat = sum(feature_loss(hl, h, per_dim=True) for hl, _ in outs)
                 losses["feat"] = c["gamma"] * w * feat / norm
-        if self.uses_store:
+        self._pending = None
+        if self.uses_store and (mix is None or c["store_mixed"] == "store"):
             with torch.no_grad():
                 p_new = F.softmax(z.detach().float(), -1)
                 q_new = None
@@ -403,12 +338,18 @@ class LSSKD(Method):
 
     # --- evaluation / deployment ------------------------------------------------
     @torch.no_grad()
-    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Branch l's class scores on upright images: joint logits at labels c*M + 0."""
+    def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(final logits, branch l's class scores on upright images: joint logits at labels
+        c*M + 0), from one backbone pass."""
         if not len(self.aux):
-            return {}
-        feats = self.backbone.forward_stages(x)
-        return {f"branch{l + 1}": br(feats[l])[1][:, :: self.num_views] for l, br in enumerate(self.aux)}
+            return self(x), {}
+        feats, _, logits = self.backbone.forward_features(x)
+        return logits, {f"branch{l + 1}": joint_class_logits(br(feats[l])[1], self.num_views)
+                        for l, br in enumerate(self.aux)}
+
+    @torch.no_grad()
+    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.eval_forward(x)[1]
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the step's views (M, or views_per_step) through

@@ -39,10 +39,10 @@ def _flag_bytes(num_views: int, num_branches: int) -> int:
     return 1 + (num_views if num_branches else 0)
 
 
-class _StoreBase(nn.Module):
-    # The trainer leaves these buffers out of channels_last conversion and DDP
-    # buffer broadcasts (every rank writes the same rows itself).
-    is_store = True
+class StoreBase(nn.Module):
+    """Base of every soft-target store. The trainer recognises stores by this type and
+    leaves their buffers out of channels_last conversion (they are tables, not images)
+    and of DDP's buffer broadcasts (every rank writes the same gathered rows itself)."""
 
     def __init__(self, num_samples: int, num_classes: int, num_branches: int, num_views: int,
                  host: bool):
@@ -119,7 +119,7 @@ class _StoreBase(nn.Module):
         self.filled[i] = True
 
 
-class SoftTargetStore(_StoreBase):
+class SoftTargetStore(StoreBase):
     """Dense store: every probability kept, in ``dtype`` (float32 or float16)."""
 
     def __init__(self, num_samples: int, num_classes: int, num_branches: int = 0,
@@ -143,7 +143,7 @@ class SoftTargetStore(_StoreBase):
         self.branches[:, i[:, None], v[None, :]] = q.to(self.branches.dtype)
 
 
-class TopKStore(_StoreBase):
+class TopKStore(StoreBase):
     """Sparse store: top-k probabilities (fp16) + indices per distribution; the rest of
     the mass is spread uniformly over the other labels (module docstring)."""
 
@@ -260,7 +260,7 @@ def choose_store(num_samples: int, num_classes: int, num_branches: int, num_view
 
 
 def build_store(num_samples: int, num_classes: int, num_branches: int, num_views: int, choice: Dict,
-                host: bool = False) -> _StoreBase:
+                host: bool = False) -> StoreBase:
     if choice["kind"] == "topk":
         return TopKStore(num_samples, num_classes, num_branches, num_views, choice["k"], host)
     return SoftTargetStore(num_samples, num_classes, num_branches, num_views, choice["dtype"], host)

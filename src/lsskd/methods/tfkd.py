@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Method, mix_targets, register_method, soft_cross_entropy
-from .kd import soft_kl
+from .base import Method, register_method
+from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
 def virtual_teacher(y: torch.Tensor, num_classes: int, correct_prob: float) -> torch.Tensor:
@@ -44,8 +44,8 @@ class TeacherFreeKD(Method):
 
     defaults = {"correct_prob": 0.9, "alpha": 0.1, "T": 20.0}
 
-    def __init__(self, backbone, cfg=None, num_train: int = 0, **context):
-        super().__init__(backbone, cfg, num_train, **context)
+    def __init__(self, backbone, cfg=None, context=None, **context_fields):
+        super().__init__(backbone, cfg, context, **context_fields)
         a, alpha, T = self.cfg["correct_prob"], self.cfg["alpha"], self.cfg["T"]
         if not 0.0 < a <= 1.0:
             raise ConfigError(f"method.correct_prob must be in (0, 1], got {a}")
@@ -63,5 +63,5 @@ class TeacherFreeKD(Method):
         teacher = soften(mix_targets(virtual_teacher(y, self.num_classes, a), mix), T)
         return logits, {
             "ce": (1.0 - alpha) * soft_cross_entropy(logits, onehot),
-            "reg": alpha * soft_kl(teacher, logits, T),
+            "reg": alpha * kl_div_probs(logits, teacher, T),
         }

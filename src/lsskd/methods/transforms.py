@@ -21,9 +21,11 @@ class ViewFamily:
 
     @staticmethod
     def joint_labels(y: torch.Tensor, num_views: int) -> torch.Tensor:
-        """(M*B,) joint labels y*M + k in the view-major order of the stacked batch."""
-        k = torch.arange(num_views, device=y.device).repeat_interleave(len(y))
-        return y.repeat(num_views) * num_views + k
+        """(M*B,) joint labels y*M + k in the view-major order of the stacked batch
+        (:func:`lsskd.methods.losses.joint_labels`)."""
+        from .losses import joint_labels
+
+        return joint_labels(y, num_views)
 
 
 @TRANSFORMS.register("rotation")
