@@ -93,11 +93,7 @@ def extract_backbone(cfg: Dict, method_state: Dict[str, torch.Tensor], num_class
     state dict into it (strictly); eval mode. By the method contract ``deploy()`` returns
     ``self.backbone``, so this is the deployed model without rebuilding the method (no
     branches, no store, no teacher, no training data needed). ``source`` names the
-    checkpoint in error messages.
-
-    Integration note: ``methods/kd.load_teacher`` still carries its own copy of these
-    lines (build ``cfg.model``, strip ``backbone.``, load); it can call
-    ``extract_backbone(cfg, st["method"], num_classes, f"teacher {path}")`` instead."""
+    checkpoint in error messages. KD's teacher is loaded through it too."""
     from ..models import build_model
 
     model = build_model(cfg["model"]["name"], num_classes, **cfg["model"].get("kwargs", {}))

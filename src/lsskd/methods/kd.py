@@ -21,9 +21,8 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     The architecture comes from the checkpoint's own stored config; only the
     ``backbone.*`` weights are used, so the teacher may have been trained by any method.
     """
-    from ..engine.checkpoint import CheckpointError
+    from ..deploy.load import extract_backbone
     from ..engine.evaluation import load_trained
-    from ..models import build_model
 
     if not path:
         raise ConfigError(f"{key} must name a checkpoint (e.g. runs/teacher/best.pt) for method 'kd'")
@@ -42,14 +41,7 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     if input_shape is not None and list(st.get("input_shape", input_shape)) != list(input_shape):
         raise ConfigError(f"{key}: teacher {path} was trained on inputs {tuple(st['input_shape'])}, "
                           f"the student's are {tuple(input_shape)}")
-    model_cfg = cfg["model"]
-    teacher = build_model(model_cfg["name"], num_classes, **model_cfg.get("kwargs", {}))
-    weights = {k[len("backbone."):]: v for k, v in st["method"].items() if k.startswith("backbone.")}
-    try:
-        teacher.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"teacher {path}: weights do not fit model "
-                              f"'{model_cfg['name']}': {e}") from None
+    teacher = extract_backbone(cfg, st["method"], num_classes, f"teacher {path}")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
