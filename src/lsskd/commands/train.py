@@ -4,7 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError, build_config, run_config
+from ..config import ConfigError, build_config, parse_override, run_config
+
+# Without --config, a run starts only when one of these names the data (20.1).
+DATA_KEYS = ("data.root", "data.name")
+
+NO_CONFIG = ("no --config given. Pass a config file, e.g. `lsskd train --config configs/quickstart.yaml` "
+             "(example configs are in configs/: quickstart.yaml, quickstart_cifar.yaml, cpu/, paper/), "
+             "or name your data explicitly to train with the built-in defaults, e.g. "
+             "`lsskd train data.root=PATH/TO/CLASS/FOLDERS train.epochs=30` (the defaults train "
+             "resnet20 with cross-entropy for 240 epochs); every key: docs/config.md")
 
 
 def add_parser(sub):
@@ -32,9 +41,16 @@ def run(args) -> int:
             raise ConfigError("overrides are not accepted with --resume (the run's config is fixed)")
         trainer = Trainer(cfg, resume=True, unsafe_load=args.unsafe_load)
     else:
+        if not args.config and not names_data(args.overrides):
+            raise ConfigError(NO_CONFIG)
         cfg = build_config(args.config, args.overrides)
         trainer = Trainer(cfg)
     summary = trainer.fit()
     if trainer.dist.is_main:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def names_data(overrides) -> bool:
+    """True when the overrides name the data (``data.root=...`` or ``data.name=...``)."""
+    return any(".".join(parse_override(o)[0]) in DATA_KEYS for o in overrides)
