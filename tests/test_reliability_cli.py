@@ -198,7 +198,7 @@ BAD_YAML = [  # (file text, expected words, whether the file is checked while it
     # checked against the method's / trainer's own rules before any data is read
     ("method:\n  name: lsskd\n  alpha_T: high\n", "'method.alpha_T' must be a number", False),
     ("method:\n  name: ce\n  alpha_T: 0.5\n", "unknown config key 'method.alpha_T'", False),
-    ("optim:\n  lr: .inf\n", "optim.lr must be a finite number", False),
+    ("optim:\n  lr: .inf\n", "'optim.lr' must be a finite number >= 0, got inf", False),
     ("model:\n  kwargs: 5\n", "'model.kwargs' must be a mapping", False),
 ]
 

@@ -87,6 +87,113 @@ DEFAULTS: Dict[str, Any] = {
 # Keys whose value is a free-form mapping (not validated key by key).
 FREE_KEYS = {"model.kwargs", "data.classes"}  # data.classes: int N or a list of names
 
+# Documented ranges of the numeric keys (interval notation: ``(0, 1]``, or ``>= 0``) and
+# the allowed values of the keys with a fixed set; :func:`check_config` enforces both
+# before any data is loaded, and docs/config.md lists them.
+RANGES: Dict[str, str] = {
+    "data.train_fraction": "(0, 1]",
+    "data.val_fraction": "[0, 1)",
+    "data.per_class": ">= 0",
+    "data.image_size": ">= 0",
+    "data.augment.crop_padding": ">= 0",
+    "data.augment.cutout": ">= 0",
+    "data.augment.cutmix_prob": "[0, 1]",
+    "data.augment.cutmix_alpha": "> 0",
+    "data.augment.jitter": ">= 0",
+    "data.augment.scaling": ">= 0",
+    "train.epochs": ">= 1",
+    "train.batch_size": ">= 1",
+    "train.eval_batch_size": ">= 1",
+    "train.threads": ">= 0",
+    "train.ckpt_every_steps": ">= 0",
+    "train.max_skipped_steps": ">= 0",
+    "train.max_steps_per_epoch": ">= 0",
+    "optim.lr": ">= 0",
+    "optim.momentum": "[0, 1]",
+    "optim.weight_decay": ">= 0",
+    "optim.lr_decay": "(0, 1]",
+    "optim.warmup_epochs": ">= 0",
+}
+CHOICES: Dict[str, tuple] = {
+    "data.val_split": ("stratified", "group"),
+    "data.eval_on": ("test", "val"),
+    "data.activities": ("basic", "all"),
+    "train.amp": ("off", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
+    "optim.name": ("sgd",),
+    "optim.schedule": ("step", "cosine"),
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """``value`` lies in ``spec`` (``(lo, hi]``-style interval or ``>= x`` / ``> x``); NaN never does."""
+    import math
+
+    if not math.isfinite(value):
+        return False
+    if spec.startswith((">=", ">")):
+        lo = float(spec.lstrip(">= "))
+        return value >= lo if spec.startswith(">=") else value > lo
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return ((value >= lo) if spec[0] == "[" else (value > lo)) and ((value <= hi) if spec[-1] == "]" else (value < hi))
+
+
+def check_values(cfg: Dict) -> None:
+    """Every key of :data:`RANGES` and :data:`CHOICES` against its documented values; the
+    error names the key, the value and what is allowed."""
+    flat = flatten(cfg)
+    for key, spec in RANGES.items():
+        v = flat.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_range(v, spec):
+            shown = f"in {spec}" if spec[0] in "([" else spec
+            finite = "" if v == v and abs(v) != float("inf") else "a finite number "
+            raise ConfigError(f"config key '{key}' must be {finite}{shown}, got {v}")
+    for key, allowed in CHOICES.items():
+        if key in flat and flat[key] not in allowed:
+            raise ConfigError(f"config key '{key}' must be {' or '.join(allowed)}, got {flat[key]!r}")
+    for m in cfg.get("optim", {}).get("milestones", []):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError(f"config key 'optim.milestones' must be a list of epochs >= 0, got {m!r}")
+
+
+def check_config(cfg: Dict) -> None:
+    """Cheap checks run before any data is loaded, so a bad config fails in milliseconds
+    with the key named: ranges and choices, the device, the registered names (after
+    importing ``plugins``), ``model.kwargs`` against the model's signature, and the
+    method's own keys against its defaults."""
+    import inspect
+
+    from .plugins import import_plugins
+    from .registry import DATASETS, METHODS, MODELS
+
+    import_plugins(cfg.get("plugins", []))
+    check_values(cfg)
+    device = cfg["train"]["device"]
+    if device != "auto":
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    for section, reg in (("model", MODELS), ("method", METHODS), ("data", DATASETS)):
+        name = cfg[section].get("name")
+        if name not in reg:
+            raise ConfigError(f"{section}.name: unknown {reg.kind} {name!r}; "
+                              f"registered: {', '.join(reg.names())} (one of your own: name the "
+                              f"module that registers it in plugins=[...])")
+    kwargs = cfg["model"].get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"config key 'model.kwargs' must be a mapping, got {kwargs!r}")
+    try:
+        inspect.signature(MODELS.get(cfg["model"]["name"])).bind(num_classes=2, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs do not fit model {cfg['model']['name']!r}: {e}") from None
+    except ValueError:  # no introspectable signature: leave it to the constructor
+        pass
+    validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
+                     METHODS.get(cfg["method"]["name"]).defaults, "method.")
+
 
 def _merge(base: Dict, update: Dict, prefix: str, strict: bool) -> Dict:
     out = copy.deepcopy(base)
@@ -207,7 +314,8 @@ def build_config(file: str | Path | None = None, overrides: List[str] | None = N
         try:
             cfg = _merge(cfg, load_yaml(file), "", strict=True)
         except ConfigError as e:
-            raise ConfigError(f"{file}: {e}") from None
+            # load_yaml's own errors already name the file; say it once.
+            raise ConfigError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
     for item in overrides or []:
         path, value = parse_override(item)
         cfg = _merge(cfg, _nest(path, value), "", strict=True)

@@ -17,6 +17,12 @@ from .trainer import build_method, evaluate, resolve_device
 def load_trained(path, overrides: List[str] | None = None, weights_only: bool = True, device="cpu"):
     """(method, cfg, checkpoint dict) with the method's weights restored."""
     st = load_checkpoint(path, weights_only=weights_only)
+    missing = [k for k in ("config", "method") if k not in st]
+    if missing:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path} is not an lsskd checkpoint: a torch file without "
+                              f"{', '.join(repr(k) for k in missing)} (lsskd writes <run>/last.pt and <run>/best.pt)")
     cfg = _merge(DEFAULTS, st["config"], "", strict=True)
     import_plugins(cfg["plugins"])  # a model or method of the user's own
     if overrides:

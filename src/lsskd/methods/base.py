@@ -7,7 +7,7 @@ the deployed backbone's logits only. ``deploy()`` returns the bare backbone.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,11 @@ class Method(nn.Module):
     def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Extra per-head class scores for evaluation, e.g. ``{'branch1': logits}``."""
         return {}
+
+    def summary_notes(self, summary: Dict) -> List[str]:
+        """One-line notes for the user about the finished run (``summary`` is the run's
+        summary.json content); the trainer prints each on stderr as ``note: ...``."""
+        return []
 
     def deploy(self) -> StagedBackbone:
         """The model to ship: exactly the backbone, no auxiliary parts."""

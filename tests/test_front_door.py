@@ -1,0 +1,175 @@
+"""What a new user meets at the command line (issue 20): no accidental default run,
+stdout that is only the summary JSON, validation that names the key, plain words for
+files that are not checkpoints, a word when a resumed run had already finished."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from lsskd.cli import main
+from lsskd.config import RANGES, ConfigError, build_config, check_config, in_range
+
+# A real run in seconds: the bundled digits, two steps per epoch.
+TINY = ["data.name=digits", "data.image_size=8", "data.augment.flip=false", "model.name=resnet8",
+        "train.batch_size=32", "train.max_steps_per_epoch=2", "train.progress=false",
+        "train.tensorboard=false", "train.device=cpu", "train.threads=1", "train.epochs=1"]
+
+
+def cli(argv, capsys):
+    """(exit status, stdout, stderr) of ``lsskd ARGV`` run in-process."""
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# --- 20.1: no --config ------------------------------------------------------------------
+
+def test_train_without_config_or_data_stops_and_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train"], ["train", "train.epochs=2", "seed=3"]):
+        rc, out, err = cli(argv, capsys)
+        assert rc == 2 and out == ""
+        assert "no --config given" in err and "configs/quickstart.yaml" in err and "data.root=" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_train_without_config_runs_when_the_data_is_named(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    rc, out, err = cli(["train", *TINY, f"out_dir={out_dir}"], capsys)
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["dataset"] == "digits" and summary["epochs"] == 1
+    assert (out_dir / "summary.json").is_file()
+
+
+# --- 20.4: stdout is the summary JSON; notes on stderr with resolved values ---------------
+
+def test_notes_go_to_stderr_with_resolved_values_and_resume_of_a_finished_run_says_so(tmp_path, capsys):
+    out_dir = tmp_path / "gated"
+    # gate=auto without a held-out split is the fit gate; two steps never reach 50% top-1.
+    rc, out, err = cli(["train", *TINY, "method.name=lsskd_robust", f"out_dir={out_dir}"], capsys)
+    assert rc == 0, err
+    summary = json.loads(out)  # the whole of stdout is one JSON document
+    assert summary["gate_max"] == 0.0
+    assert "note: the lsskd_robust gate never opened" in err
+    assert "method.gate_floor=0.5" in err and "None" not in err
+    rows = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+
+    rc, out2, err2 = cli(["train", "--resume", str(out_dir)], capsys)
+    assert rc == 0
+    assert "already finished all 1 epochs" in err2 and "nothing was trained" in err2
+    again = json.loads(out2)
+    assert again["test_top1"] == summary["test_top1"]  # same weights, same test images
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_summary_notes_hook():
+    from lsskd.methods.base import Method
+    from lsskd.methods.lsskd import LSSKD
+    from lsskd.models import build_model
+
+    bb = build_model("resnet8", 3)
+    assert Method(bb).summary_notes({"gate_max": 0.0}) == []
+    m = LSSKD(build_model("resnet8", 3), {"gate": "fit", "gate_floor": 0.3})
+    notes = m.summary_notes({"method": "lsskd", "gate_max": 0.0})
+    assert len(notes) == 1 and "method.gate_floor=0.3" in notes[0] and "gap_floor" not in notes[0]
+    assert m.summary_notes({"method": "lsskd", "gate_max": 0.25}) == []
+    assert m.summary_notes({"method": "lsskd"}) == []  # no gate logged (gate=none)
+
+
+# --- 20.6: validation ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.train_fraction=1.5", "config key 'data.train_fraction' must be in (0, 1], got 1.5"),
+    ("data.train_fraction=0", "'data.train_fraction' must be in (0, 1], got 0"),
+    ("data.val_fraction=1.0", "'data.val_fraction' must be in [0, 1), got 1.0"),
+    ("data.val_fraction=-0.1", "'data.val_fraction' must be in [0, 1), got -0.1"),
+    ("data.augment.cutmix_prob=2", "'data.augment.cutmix_prob' must be in [0, 1], got 2"),
+    ("data.augment.cutmix_alpha=0", "'data.augment.cutmix_alpha' must be > 0, got 0"),
+    ("data.per_class=-1", "'data.per_class' must be >= 0, got -1"),
+    ("optim.momentum=1.5", "'optim.momentum' must be in [0, 1], got 1.5"),
+    ("optim.lr_decay=0", "'optim.lr_decay' must be in (0, 1], got 0"),
+    ("optim.lr=.nan", "'optim.lr' must be a finite number >= 0, got nan"),
+    ("optim.milestones=[10,-1]", "'optim.milestones' must be a list of epochs >= 0, got -1"),
+    ("data.val_split=subject", "'data.val_split' must be stratified or group, got 'subject'"),
+    ("train.epochs=0", "'train.epochs' must be >= 1, got 0"),
+])
+def test_ranges_are_checked_before_any_data_is_read(override, needle, tmp_path, capsys):
+    cfg = build_config(None, ["data.name=digits", override])
+    with pytest.raises(ConfigError) as e:
+        check_config(cfg)
+    assert needle in str(e.value)
+    # the same one-line error at the command line, and no run directory
+    rc, out, err = cli(["train", "data.name=digits", override, f"out_dir={tmp_path / 'o'}"], capsys)
+    assert rc == 2 and needle in err and not (tmp_path / "o").exists()
+
+
+def test_every_default_lies_in_its_documented_range():
+    flat = {}
+    from lsskd.config import DEFAULTS, flatten
+
+    flat = flatten(DEFAULTS)
+    for key, spec in RANGES.items():
+        assert key in flat, f"RANGES names {key}, which is not a config key"
+        assert in_range(flat[key], spec), f"default {key}={flat[key]} outside {spec}"
+    assert in_range(1.0, "(0, 1]") and not in_range(0.0, "(0, 1]") and in_range(0.0, "[0, 1)")
+    assert not in_range(1.0, "[0, 1)") and in_range(3, ">= 3") and not in_range(3, "> 3")
+    check_config(build_config(None, ["data.name=digits"]))  # the defaults pass
+
+
+def test_config_file_not_found_names_the_path_once(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    rc, out, err = cli(["train", "--config", str(missing)], capsys)
+    assert rc == 2 and "config file not found" in err
+    assert err.count(str(missing)) == 1
+
+
+class _Other:  # a picklable class that is no tensor container
+    pass
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "pickle", "json", "zip"])
+def test_eval_on_a_file_that_is_not_a_checkpoint_says_so(kind, tmp_path, capsys):
+    p = tmp_path / f"model.{kind}"
+    if kind == "text":
+        p.write_text("hello world\nnot a checkpoint\n")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "pickle":  # a real pickle, but not written by torch.save
+        p.write_bytes(pickle.dumps({"a": [1, 2]}))
+    elif kind == "json":
+        p.write_text('{"method": {}, "config": {}}')
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("a.txt", "x")
+    rc, out, err = cli(["eval", "--checkpoint", str(p)], capsys)
+    assert rc == 2 and out == ""
+    assert f"{p} is not a checkpoint" in err
+    assert "--unsafe-load" not in err and "Traceback" not in err and "IndexError" not in err
+    if kind == "empty":
+        assert "(the file is empty)" in err
+
+
+def test_eval_offers_unsafe_load_only_for_a_torch_file_with_other_objects(tmp_path, capsys):
+    p = tmp_path / "objects.pt"
+    torch.save({"method": {}, "config": {}, "x": _Other()}, p)
+    rc, out, err = cli(["eval", "--checkpoint", str(p)], capsys)
+    assert rc == 2 and "refusing to load checkpoint" in err and "--unsafe-load" in err
+    q = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, q)  # a torch file, but not one of ours
+    rc, out, err = cli(["eval", "--checkpoint", str(q)], capsys)
+    assert rc == 2 and f"{q} is not an lsskd checkpoint" in err and "'config', 'method'" in err
