@@ -173,3 +173,100 @@ def test_eval_offers_unsafe_load_only_for_a_torch_file_with_other_objects(tmp_pa
     torch.save({"w": torch.zeros(2)}, q)  # a torch file, but not one of ours
     rc, out, err = cli(["eval", "--checkpoint", str(q)], capsys)
     assert rc == 2 and f"{q} is not an lsskd checkpoint" in err and "'config', 'method'" in err
+
+
+# --- 19.8: provenance -----------------------------------------------------------------------
+
+def test_runs_record_the_commit_and_torch_version_and_still_load(tmp_path, capsys):
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    import lsskd
+    from lsskd.config import build_config, run_config
+
+    out_dir = tmp_path / "run"
+    rc, out, err = cli(["train", *TINY, f"out_dir={out_dir}"], capsys)
+    assert rc == 0, err
+    summary = json.loads(out)
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+    pkg = Path(lsskd.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True)
+    for prov in (summary["provenance"], saved["provenance"]):
+        assert prov["torch"] == torch.__version__ and prov["lsskd"] == lsskd.__version__
+        if head.returncode == 0:  # a checkout: the commit is recorded, and whether it was dirty
+            assert prov["git_commit"] == head.stdout.strip() and isinstance(prov["git_dirty"], bool)
+        else:
+            assert prov["git_commit"] is None and prov["git_dirty"] is None
+    # the record is not a setting: the run's config loads for a resume and as a --config file
+    assert "provenance" not in run_config(out_dir)
+    cfg = build_config(out_dir / "config.yaml", [f"out_dir={tmp_path / 'again'}"])
+    assert "provenance" not in cfg and cfg["data"]["name"] == "digits"
+
+
+def test_provenance_without_git_is_null_not_a_crash(monkeypatch, tmp_path):
+    from lsskd.engine.rundir import provenance
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable anywhere
+    prov = provenance()
+    assert prov["git_commit"] is None and prov["git_dirty"] is None
+    assert prov["torch"] == torch.__version__
+
+
+def test_sweep_does_not_call_a_different_commit_a_config_change(tmp_path):
+    import yaml
+
+    from lsskd.config import EXECUTION_KEYS, dump, is_execution_key
+    from lsskd.sweep import config_drift, expand
+
+    (tmp_path / "c.yaml").write_text("data: {name: digits}\ntrain: {epochs: 2}\n")
+    spec = expand([str(tmp_path / "c.yaml")], [0], tmp_path / "out")[0]
+    spec.out_dir.mkdir(parents=True)
+    cfg = build_config(spec.config, spec.train_overrides())
+    (spec.out_dir / "config.yaml").write_text(dump({**cfg, "train": {**cfg["train"], "threads": 3},
+                                                    "provenance": {"git_commit": "abc", "git_dirty": True}}))
+    assert config_drift(spec) == []
+    (spec.out_dir / "config.yaml").write_text(dump({**cfg, "train": {**cfg["train"], "epochs": 3}}))
+    assert config_drift(spec) == ["train.epochs"]
+    assert is_execution_key("provenance.git_commit") and not is_execution_key("seed")
+    assert "train.threads" in EXECUTION_KEYS and "seed" not in EXECUTION_KEYS
+
+
+# --- 19.4: one errors module, library out of the commands ----------------------------------
+
+def test_user_errors_are_defined_once_and_re_exported():
+    from lsskd import errors
+    from lsskd.cli import CLIError
+    from lsskd.config import ConfigError as C
+    from lsskd.data.base import DataError
+    from lsskd.engine.checkpoint import CheckpointError
+    from lsskd.engine.trainer import NonFiniteError, ResourceError, RunDirError
+
+    for cls in (CLIError, C, DataError, CheckpointError, RunDirError, NonFiniteError):
+        assert cls is getattr(errors, cls.__name__) and cls in errors.USER_ERRORS
+    assert ResourceError is errors.ResourceError and ResourceError not in errors.USER_ERRORS
+
+
+def test_no_module_imports_another_modules_private_names():
+    import ast
+    from pathlib import Path
+
+    import lsskd
+
+    bad = []
+    for f in sorted(Path(lsskd.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                bad += [f"{f.name}:{node.lineno} {a.name}" for a in node.names
+                        if a.name.startswith("_") and a.name != "__version__"]
+    assert bad == []
+
+
+def test_sweep_command_is_thin_and_the_library_importable():
+    import lsskd.commands.sweep as cmd
+    import lsskd.sweep as lib
+
+    assert {"expand", "run_sweep", "format_table", "load_plan", "execute"} <= set(dir(lib))
+    own = [n for n, v in vars(cmd).items() if callable(v) and getattr(v, "__module__", "") == cmd.__name__]
+    assert sorted(own) == ["_split_tokens", "add_parser", "run", "specs_from_args"]

@@ -10,8 +10,7 @@ import sys
 COMMANDS = ["train", "eval", "tune", "export", "predict", "profile", "sweep", "report", "bench"]
 
 
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+from .errors import CLIError  # noqa: E402,F401 - re-exported (commands raise it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,15 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .data.base import DataError
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteError, ResourceError, RunDirError
+    from .errors import USER_ERRORS, ResourceError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, KeyError) as e:
+    except (*USER_ERRORS, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         # One line, so scripts and logs get the whole message (YAML errors span several).
         msg = "; ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())

@@ -14,8 +14,7 @@ from typing import Any, Dict, List
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+from .errors import ConfigError  # noqa: F401 - re-exported
 
 
 DEFAULTS: Dict[str, Any] = {
@@ -86,6 +85,24 @@ DEFAULTS: Dict[str, Any] = {
 
 # Keys whose value is a free-form mapping (not validated key by key).
 FREE_KEYS = {"model.kwargs", "data.classes"}  # data.classes: int N or a list of names
+
+# Keys that change how a run executes but not its result: runs that differ only in these
+# (and in their provenance) are the same experiment, for ``lsskd report``'s grouping and
+# ``lsskd sweep``'s check of finished runs against the plan. ``seed`` is not one of them:
+# it changes the result, and the report groups seeds on purpose.
+EXECUTION_KEYS = frozenset({
+    "out_dir", "train.progress", "train.tensorboard", "train.threads", "train.ckpt_every_steps",
+    "train.eval_batch_size", "train.device", "train.compile", "train.channels_last", "data.cache_dir",
+})
+# A run's config.yaml also records the code that made it (git commit, torch version) under
+# this key; it is not a setting, so loading a config file ignores it.
+PROVENANCE_KEY = "provenance"
+
+
+def is_execution_key(key: str) -> bool:
+    """True for a dotted key in :data:`EXECUTION_KEYS` or under ``provenance.``."""
+    return key in EXECUTION_KEYS or key == PROVENANCE_KEY or key.startswith(PROVENANCE_KEY + ".")
+
 
 # Documented ranges of the numeric keys (interval notation: ``(0, 1]``, or ``>= 0``) and
 # the allowed values of the keys with a fixed set; :func:`check_config` enforces both
@@ -288,6 +305,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> Dict:
         raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
+    data.pop(PROVENANCE_KEY, None)  # a run's record of its code, not a setting
     base = data.pop("_base_", None)
     if base:
         if not isinstance(base, str):
@@ -320,6 +338,12 @@ def build_config(file: str | Path | None = None, overrides: List[str] | None = N
         path, value = parse_override(item)
         cfg = _merge(cfg, _nest(path, value), "", strict=True)
     return cfg
+
+
+def merge(update: Dict, strict: bool = True, base: Dict | None = None) -> Dict:
+    """``update`` (a nested config, e.g. read from a file) over ``base`` (default:
+    :data:`DEFAULTS`), type-checked. ``strict=False`` keeps unknown keys instead of failing."""
+    return _merge(DEFAULTS if base is None else base, update, "", strict)
 
 
 def run_config(run_dir: str | Path) -> Dict:

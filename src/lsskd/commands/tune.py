@@ -21,7 +21,7 @@ from statistics import mean, stdev
 
 from ..config import ConfigError, dump, nest_overrides, parse_override
 from ..engine.checkpoint import atomic_write_json, atomic_write_text
-from .sweep import expand, format_table, grid_points, run_sweep
+from ..sweep import expand, format_table, grid_points, run_sweep
 
 
 def add_parser(sub):

@@ -30,8 +30,7 @@ import torch
 from ..data.download import file_digest
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or unsafe; the message names it."""
+from ..errors import CheckpointError  # noqa: E402,F401 - re-exported
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -5,7 +5,7 @@ from typing import Dict, List
 
 import torch
 
-from ..config import DEFAULTS, _merge, build_config
+from ..config import build_config, merge
 from ..data import BatchAugment, build_data
 from ..plugins import import_plugins
 from .checkpoint import load_checkpoint
@@ -23,7 +23,7 @@ def load_trained(path, overrides: List[str] | None = None, weights_only: bool = 
 
         raise CheckpointError(f"{path} is not an lsskd checkpoint: a torch file without "
                               f"{', '.join(repr(k) for k in missing)} (lsskd writes <run>/last.pt and <run>/best.pt)")
-    cfg = _merge(DEFAULTS, st["config"], "", strict=True)
+    cfg = merge(st["config"])
     import_plugins(cfg["plugins"])  # a model or method of the user's own
     if overrides:
         over = build_config(None, overrides)

@@ -8,19 +8,48 @@ TensorBoard events under ``tb/``. Every file is written atomically.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..config import dump
+from ..config import PROVENANCE_KEY, dump
 from .checkpoint import atomic_write_json, atomic_write_text, previous_path
 
 
-class RunDirError(RuntimeError):
-    """The run directory would be overwritten, or cannot be resumed."""
+from ..errors import RunDirError  # noqa: E402,F401 - re-exported
 
 
 # Files whose presence means a folder already holds a run.
 RUN_FILES = ("config.yaml", "last.pt", "metrics.jsonl", "summary.json")
+
+
+def _git(*args: str) -> Optional[str]:
+    """``git -C <the lsskd package folder> ARGS`` output, or None without git or a repository."""
+    try:
+        done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance() -> Dict:
+    """The code that makes a run: ``git_commit`` of the repository this lsskd is imported
+    from and ``git_dirty`` (tracked files modified), both None when lsskd is not running
+    from a git checkout (an installed wheel) or git is missing; ``lsskd`` and ``torch``
+    versions. Recorded in config.yaml (at the start) and summary.json (at the end)."""
+    import torch
+
+    from .. import __version__
+
+    commit = dirty = None
+    # Only when the package's own files are tracked: a wheel installed inside some other
+    # repository (a virtualenv in a project folder) must not report that repository.
+    if _git("ls-files", "--error-unmatch", "__init__.py") is not None:
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None or commit is None else bool(status)
+    return {"git_commit": commit, "git_dirty": dirty, "lsskd": __version__, "torch": str(torch.__version__)}
 
 
 class RunDir:
@@ -59,7 +88,8 @@ class RunDir:
         if resume:
             self.truncate_metrics(epochs_done)
         else:
-            atomic_write_text(self.path / "config.yaml", dump(cfg))
+            # The provenance is a record, not a setting: loading the file ignores it.
+            atomic_write_text(self.path / "config.yaml", dump({**cfg, PROVENANCE_KEY: provenance()}))
             atomic_write_text(self.metrics, "")
 
     def metric_lines(self) -> List[str]:

@@ -27,17 +27,11 @@ from ..registry import METHODS
 from .checkpoint import save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .profile import count_macs, count_params
-from .rundir import RunDir, RunDirError  # noqa: F401 - RunDirError: re-exported for callers
+from .rundir import RunDir, RunDirError, provenance  # noqa: F401 - RunDirError: re-exported
 from .state import capture as capture_state, restore as restore_state
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN/inf; the message names epoch, step and term."""
-
-
-class ResourceError(MemoryError):
-    """Out of (GPU or host) memory; the message says where and what to lower.
-    A ``MemoryError`` so callers that catch that still see it."""
+from ..errors import NonFiniteError, ResourceError  # noqa: E402,F401 - re-exported
 
 
 def _oom_types():
@@ -505,6 +499,7 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 2),
             "skipped_steps": self.skipped_steps,
             "version": __version__,
+            "provenance": provenance(),
         }
         branches = sorted(k for k in last_eval if k.startswith("branch") and k.endswith("_top1"))
         if branches:
