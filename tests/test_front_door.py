@@ -270,3 +270,45 @@ def test_sweep_command_is_thin_and_the_library_importable():
     assert {"expand", "run_sweep", "format_table", "load_plan", "execute"} <= set(dir(lib))
     own = [n for n, v in vars(cmd).items() if callable(v) and getattr(v, "__module__", "") == cmd.__name__]
     assert sorted(own) == ["_split_tokens", "add_parser", "run", "specs_from_args"]
+
+
+# --- 20.8: help on every option, every config key documented -------------------------------
+
+def test_every_option_of_every_subcommand_has_a_help_line():
+    import argparse
+
+    from lsskd.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sp in sub.choices.items()
+               for a in sp._actions if not (a.help or "").strip()]
+    assert missing == []
+    assert {"train", "eval", "tune", "predict", "profile", "bench", "sweep", "report", "export"} <= set(sub.choices)
+
+
+def test_train_help_points_to_the_config_key_list(capsys):
+    rc, out, err = cli(["train", "--help"], capsys)
+    assert rc == 0 and "docs/config.md" in out and "configs/quickstart.yaml" in out
+
+
+def test_docs_config_md_lists_every_key_and_is_up_to_date():
+    from pathlib import Path
+
+    from lsskd.config import DEFAULTS, flatten
+    from lsskd.configdoc import render
+    from lsskd.registry import METHODS
+
+    doc_path = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    doc = doc_path.read_text()
+    assert doc == render(), "docs/config.md is stale: python -m lsskd.configdoc > docs/config.md"
+    for key, default in flatten(DEFAULTS).items():
+        assert f"| `{key}` | " in doc and f"`{json.dumps(default)}`" in doc, key
+    assert "| `train.max_steps_per_epoch` | int | `0` | >= 0 | cap steps per epoch" in doc
+    for name in METHODS.names():
+        assert f"### `method.name: {name}`" in doc
+        for key in METHODS.get(name).defaults:
+            assert f"`method.{key}`" in doc, (name, key)
+    # every common key has a meaning written beside its default in config.py
+    rows = [ln for ln in doc.split("## Method keys")[0].splitlines() if ln.startswith("| `")]
+    assert len(rows) == len(flatten(DEFAULTS))
+    assert all(ln.rstrip(" |").split("|")[-1].strip() for ln in rows)

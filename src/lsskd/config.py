@@ -18,68 +18,71 @@ from .errors import ConfigError  # noqa: F401 - re-exported
 
 
 DEFAULTS: Dict[str, Any] = {
-    "seed": 0,
-    "out_dir": "runs/default",
+    "seed": 0,  # model initialisation, data order and augmentation (not the data subset: data.subset_seed)
+    "out_dir": "runs/default",  # the run directory (never overwritten; resume with --resume)
     "plugins": [],  # your modules (dotted names or .py files) that register models/methods/data
-    "model": {"name": "resnet20", "kwargs": {}},
-    "method": {"name": "ce"},  # method-specific keys come from the method's defaults
+    "model": {
+        "name": "resnet20",  # a registered backbone (docs/models.md), or one of your own via plugins
+        "kwargs": {},  # extra constructor arguments of the model, e.g. {width: 12}
+    },
+    "method": {"name": "ce"},  # method-specific keys come from the method's defaults (below)
     "data": {
         "name": "folder",  # folder | cifar10 | cifar100 | tiny_imagenet | digits | hapt ...
-        "root": "",
-        "download": False,
+        "root": "",  # dataset folder (folder: ROOT/train/<class>/*, ROOT/test/<class>/*; docs/data.md)
+        "download": False,  # fetch the dataset into data.root if missing (datasets with a download)
         "classes": [],  # keep only these classes (names, or N = the first N; [] = all)
         "train_fraction": 1.0,  # stratified subset of the training set (paper Fig. 5)
         "per_class": 0,  # exact images per class instead of a fraction (0 = off)
         "val_fraction": 0.0,  # stratified held-out split of the training data (0 = none)
         "val_split": "stratified",  # stratified (by class) | group (whole subjects; sensor data)
         "eval_on": "test",  # test | val: which split the per-epoch evaluation uses
-        "subset_seed": 0,
+        "subset_seed": 0,  # seed of the train_fraction / per_class / val_fraction draws
         "cache_dir": "",  # decoded-image cache ('' = ~/.cache/lsskd, 'none' = off)
         "image_size": 0,  # resize images to this square size (0 = native; digits: 8 or 16)
         "url": "",  # download URL override (https:// or file://; '' = the official one)
         "checksum": "",  # 'md5:<hex>' or 'sha256:<hex>' for data.url ('' = official)
-        "mean": [],  # [] = the dataset's own statistics
-        "std": [],
+        "mean": [],  # per-channel normalisation mean ([] = the dataset's own statistics)
+        "std": [],  # per-channel normalisation std ([] = the dataset's own statistics)
         "activities": "basic",  # hapt: basic (6 activities, labels 0..5) | all (12, with transitions)
         "augment": {
-            "crop_padding": 4,
-            "flip": True,
+            "crop_padding": 4,  # random crop after zero-padding by this many pixels (0 = off)
+            "flip": True,  # random horizontal flip; set false where flipping changes the label
             "cutout": 0,  # Cutout square side in pixels (0 = off)
             "cutmix_prob": 0.0,  # probability a batch is CutMixed (0 = off)
-            "cutmix_alpha": 1.0,
+            "cutmix_alpha": 1.0,  # CutMix: the mixing ratio is drawn from Beta(alpha, alpha)
             "jitter": 0.0,  # signals: additive Gaussian noise std (0 = off)
             "scaling": 0.0,  # signals: per-channel scale noise std (0 = off)
         },
     },
     "train": {
-        "epochs": 240,
-        "batch_size": 64,
-        "eval_batch_size": 256,
+        "epochs": 240,  # training epochs (the learning-rate schedule spans them)
+        "batch_size": 64,  # images per optimiser step (split over DDP ranks)
+        "eval_batch_size": 256,  # images per evaluation batch
         "device": "auto",  # auto | cpu | cuda | cuda:N
-        "amp": "off",  # off | bf16 | fp16
-        "channels_last": False,
-        "compile": False,
+        "amp": "off",  # mixed precision: off | bf16 | fp16 (fp16 with a gradient scaler)
+        "channels_last": False,  # channels-last memory format (faster convolutions on some GPUs)
+        "compile": False,  # torch.compile the backbone and branches
         "threads": 0,  # torch intra-op threads on CPU (0 = torch default)
-        "progress": True,
-        "tensorboard": True,
+        "progress": True,  # a progress bar per epoch on stderr
+        "tensorboard": True,  # TensorBoard events in <out_dir>/tb (if tensorboard is installed)
         "ckpt_every_steps": 0,  # extra mid-epoch checkpoints (0 = epoch ends only)
         "nonfinite": "stop",  # stop | skip: what a non-finite loss/gradient does
-        "max_skipped_steps": 10,
+        "max_skipped_steps": 10,  # nonfinite=skip: stop after skipping this many steps
         "max_steps_per_epoch": 0,  # cap steps per epoch (0 = full epoch); for smoke runs
-        "deterministic": False,
+        "deterministic": False,  # torch deterministic algorithms (warn where none exists)
         "bn_recalibrate": False,  # re-estimate BN stats on upright train images before eval
-        "sync_bn": False,
+        "sync_bn": False,  # DDP on CUDA: synchronised batch norm across ranks
     },
     "optim": {
-        "name": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": False,
-        "weight_decay": 5e-4,
-        "schedule": "step",  # step | cosine
-        "milestones": [150, 210],
-        "lr_decay": 0.1,
-        "warmup_epochs": 0,
+        "name": "sgd",  # the optimiser (SGD only)
+        "lr": 0.05,  # base learning rate
+        "momentum": 0.9,  # SGD momentum
+        "nesterov": False,  # Nesterov momentum
+        "weight_decay": 5e-4,  # L2 weight decay (on every parameter, as in the paper)
+        "schedule": "step",  # step (x lr_decay at each milestone) | cosine (to 0 over train.epochs)
+        "milestones": [150, 210],  # schedule=step: epochs after which lr is multiplied by lr_decay
+        "lr_decay": 0.1,  # schedule=step: the factor at each milestone
+        "warmup_epochs": 0,  # linear warm-up from ~0 to lr over these epochs (0 = off)
     },
 }
 

@@ -17,8 +17,13 @@ NO_CONFIG = ("no --config given. Pass a config file, e.g. `lsskd train --config 
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a model (one run directory per run)")
-    p.add_argument("--config", help="YAML config (see configs/)")
+    p = sub.add_parser(
+        "train", help="train a model (one run directory per run)",
+        description="Train one run into out_dir: a YAML config, then dotted key=value overrides. "
+                    "Without --config the data must be named (data.root=PATH or data.name=NAME).",
+        epilog="Every config key, with its type, default, allowed values and meaning: docs/config.md "
+               "(example configs: configs/quickstart.yaml, configs/README.md).")
+    p.add_argument("--config", help="YAML config (examples in configs/, e.g. configs/quickstart.yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--unsafe-load", action="store_true",
                    help="with --resume: load the checkpoint with weights_only=False (trusted files only)")
