@@ -312,3 +312,57 @@ def test_docs_config_md_lists_every_key_and_is_up_to_date():
     rows = [ln for ln in doc.split("## Method keys")[0].splitlines() if ln.startswith("| `")]
     assert len(rows) == len(flatten(DEFAULTS))
     assert all(ln.rstrip(" |").split("|")[-1].strip() for ln in rows)
+
+
+# --- 20.9: the documented first comparison actually runs ----------------------------------
+
+def _doc_commands():
+    import re
+    import shlex
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "first_comparison.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", doc, re.S)
+    return [shlex.split(b.replace("\\\n", " ")) for b in blocks]
+
+
+def test_first_comparison_doc_runs_end_to_end(cifar_root, tmp_path, capsys, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    tune_cmd, final_cmd = _doc_commands()
+    assert tune_cmd[:2] == ["lsskd", "tune"] and "method.name=[ce,lsskd_robust]" in tune_cmd
+    assert final_cmd[:2] == ["lsskd", "train"]
+    # a small folder of real images, laid out as the doc says
+    images = tmp_path / "MY_IMAGES"
+    for split, n in (("train", 12), ("test", 4)):
+        for c in sorted(d.name for d in (cifar_root / "train").iterdir())[:3]:
+            (images / split / c).mkdir(parents=True)
+            for f in sorted((cifar_root / split / c).iterdir())[:n]:
+                shutil.copy(f, images / split / c / f.name)
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    quick = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8", "train.progress=false",
+             "train.tensorboard=false", "train.threads=1", "data.cache_dir=none"]
+
+    rc, out, err = cli([*tune_cmd[1:], "--dry-run"], capsys)
+    assert rc == 0 and out.count(" train ") == 6  # 2 methods x 3 seeds, nothing run
+    assert not Path("runs/first_comparison/tune.json").exists()
+
+    rc, out, err = cli([*tune_cmd[1:], *quick], capsys)
+    assert rc == 0, err
+    tune = json.loads(Path("runs/first_comparison/tune.json").read_text())
+    assert [len(c["val_top1"]) for c in tune["candidates"]] == [3, 3]
+    assert tune["val_fraction"] == 0.2
+    loser = next(c for c in tune["candidates"] if c is not tune["chosen"] and c["group"] != tune["chosen"]["group"])
+    d = [w - x for w, x in zip(tune["chosen"]["val_top1"], loser["val_top1"])]
+    line = next(ln for ln in out.splitlines() if "below the winner, paired by seed" in ln)
+    assert f"{sum(d) / 3:.2f} ± " in line
+    for run in Path("runs/first_comparison").rglob("config.yaml"):
+        assert "eval_on: val" in run.read_text()  # the test split was never the yardstick
+
+    rc, out, err = cli([*final_cmd[1:], *quick], capsys)
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["eval_on"] == "test" and summary["train_size"] == 36  # all training images
