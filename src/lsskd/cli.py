@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import USER_ERRORS, ResourceError
+    from .errors import USER_ERRORS, ResourceError, oom_errors
 
     args = build_parser().parse_args(argv)
     try:
@@ -38,19 +38,13 @@ def main(argv=None) -> int:
         msg = "; ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())
         print(f"lsskd {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except torch_oom() as e:  # the trainer's ResourceError (a MemoryError) or a raw OOM
+    except oom_errors() as e:  # the trainer's ResourceError (a MemoryError) or a raw OOM
         if isinstance(e, ResourceError):
             print(f"lsskd {args.command}: error: {e}", file=sys.stderr)
         else:
             print(f"lsskd {args.command}: error: out of memory ({e}). Lower train.batch_size, "
                   "or set method.store_dtype=float16 (half-size soft-target store)", file=sys.stderr)
         return 3
-
-
-def torch_oom():
-    import torch
-
-    return (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,11 @@ class CLIError(Exception):
 
 
 USER_ERRORS = (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
+
+
+def oom_errors() -> tuple:
+    """The exception types of running out of memory: torch's OutOfMemoryError (where this
+    torch has it) and MemoryError (which :class:`ResourceError` is)."""
+    import torch
+
+    return (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)

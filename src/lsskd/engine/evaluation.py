@@ -11,7 +11,8 @@ from ..plugins import import_plugins
 from .checkpoint import load_checkpoint
 from .distributed import DistInfo
 from .profile import count_params
-from .trainer import build_method, evaluate, resolve_device
+from .metrics import evaluate
+from .trainer import build_method, resolve_device
 
 
 def load_trained(path, overrides: List[str] | None = None, weights_only: bool = True, device="cpu"):
