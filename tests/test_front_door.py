@@ -9,27 +9,13 @@ import pickle
 import pytest
 import torch
 
-from lsskd.cli import main
+from conftest import run_lsskd as cli
 from lsskd.config import RANGES, ConfigError, build_config, check_config, in_range
 
 # A real run in seconds: the bundled digits, two steps per epoch.
 TINY = ["data.name=digits", "data.image_size=8", "data.augment.flip=false", "model.name=resnet8",
         "train.batch_size=32", "train.max_steps_per_epoch=2", "train.progress=false",
         "train.tensorboard=false", "train.device=cpu", "train.threads=1", "train.epochs=1"]
-
-
-def cli(argv, capsys):
-    """(exit status, stdout, stderr) of ``lsskd ARGV`` run in-process."""
-    capsys.readouterr()
-    threads = torch.get_num_threads()
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 # --- 20.1: no --config ------------------------------------------------------------------
@@ -366,3 +352,18 @@ def test_first_comparison_doc_runs_end_to_end(cifar_root, tmp_path, capsys, monk
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["eval_on"] == "test" and summary["train_size"] == 36  # all training images
+
+
+def test_a_truncated_checkpoint_is_called_truncated_not_a_stranger(tmp_path):
+    from lsskd.engine.checkpoint import CheckpointError, is_torch_file, load_checkpoint
+
+    p = tmp_path / "last.pt"
+    torch.save({"method": {"w": torch.zeros(100)}, "config": {}}, p)
+    assert is_torch_file(p)
+    p.write_bytes(p.read_bytes()[:200])
+    assert is_torch_file(p)
+    with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
+        load_checkpoint(p)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert is_torch_file(legacy) and torch.equal(load_checkpoint(legacy)["w"], torch.ones(2))

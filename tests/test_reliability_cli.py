@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from lsskd.cli import main
+from conftest import run_lsskd
 from lsskd.config import DEFAULTS, build_config
 from lsskd.data.base import ArrayDataset, DataBundle
 from lsskd.engine.checkpoint import load_checkpoint
@@ -48,15 +48,8 @@ def train_args(root, out, *extra):
 
 def run_cli(argv, capsys):
     """(exit status, stderr) of ``lsskd ARGV``; argparse exits count as statuses."""
-    capsys.readouterr()
-    threads = torch.get_num_threads()  # train.threads would leak into later tests
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    finally:
-        torch.set_num_threads(threads)
-    return rc, capsys.readouterr().err
+    rc, _, err = run_lsskd(argv, capsys)
+    return rc, err
 
 
 def assert_one_line_error(rc, err, *needles, code=2):

@@ -97,20 +97,12 @@ def _meanings_in(obj, name: str, prefix: str = "") -> Dict[str, str]:
     return out
 
 
+# Config value types by name, most specific first (a bool is also an int).
+_TYPES = ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"), (dict, "mapping"))
+
+
 def _type(v: Any) -> str:
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, int):
-        return "int"
-    if isinstance(v, float):
-        return "float"
-    if isinstance(v, str):
-        return "str"
-    if isinstance(v, list):
-        return "list"
-    if isinstance(v, dict):
-        return "mapping"
-    return type(v).__name__
+    return next((name for t, name in _TYPES if isinstance(v, t)), type(v).__name__)
 
 
 def _fmt(v: Any) -> str:

@@ -131,17 +131,23 @@ class _NoGlobals(pickle.Unpickler):
 
 
 def is_torch_file(path: str | Path) -> bool:
-    """True when ``path`` was written by ``torch.save``: a zip archive holding a
-    ``<name>/data.pkl`` entry, or the legacy format, a pickle that starts with torch's
-    magic number. Reads only that header; nothing is unpickled beyond plain numbers."""
+    """False when ``path`` was certainly not written by ``torch.save``: a readable zip
+    archive without a ``<name>/data.pkl`` entry, or a file that is neither a zip archive
+    nor the legacy format (a pickle that starts with torch's magic number). A damaged zip
+    (e.g. a truncated checkpoint) counts as a torch file, so that its loading error says
+    truncated. Reads only the header; nothing is unpickled beyond plain numbers."""
     path = Path(path)
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
         with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+                except zipfile.BadZipFile:
+                    return True  # a zip cut short: damaged, perhaps a truncated checkpoint
+            f.seek(0)
             return _NoGlobals(f).load() == 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
-    except Exception:  # noqa: BLE001 - any failure to read the header means "not torch"
+    except Exception:  # noqa: BLE001 - any other failure to read the header means "not torch"
         return False
 
 

@@ -4,7 +4,9 @@ Concerns live in their own modules: the run directory's files in
 :mod:`lsskd.engine.rundir`, what a checkpoint holds in :mod:`lsskd.engine.state`,
 config validation in :func:`lsskd.config.check_config`. Here: setup (device, AMP, DDP,
 compile), and the epoch loop as train (:meth:`Trainer._train_epoch`), evaluate
-(:meth:`Trainer._evaluate_epoch`) and log (:meth:`Trainer._log_epoch`).
+(:meth:`Trainer._evaluate_epoch`) and log (:meth:`Trainer._log_epoch`). At about 450
+lines it is over the house's 400: the optimiser step with its non-finite handling and
+the summary are the remaining bulk, and each reads the trainer's whole state.
 """
 from __future__ import annotations
 
