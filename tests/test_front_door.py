@@ -367,3 +367,16 @@ def test_a_truncated_checkpoint_is_called_truncated_not_a_stranger(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
     assert is_torch_file(legacy) and torch.equal(load_checkpoint(legacy)["w"], torch.ones(2))
+
+
+def test_grayscale_images_in_a_class_folder_become_three_equal_channels(tmp_path):
+    """docs/data.md says so; this is the check."""
+    import numpy as np
+    from PIL import Image
+
+    from lsskd.data.folder import decode_image
+
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    rgb = decode_image(tmp_path / "g.png")
+    assert rgb.shape == (8, 8, 3) and all(np.array_equal(rgb[..., c], gray) for c in range(3))
