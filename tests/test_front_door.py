@@ -290,7 +290,9 @@ def test_docs_config_md_lists_every_key_and_is_up_to_date():
     for key, default in flatten(DEFAULTS).items():
         assert f"| `{key}` | " in doc and f"`{json.dumps(default)}`" in doc, key
     assert "| `train.max_steps_per_epoch` | int | `0` | >= 0 | cap steps per epoch" in doc
-    for name in METHODS.names():
+    builtin = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("lsskd.")]
+    assert {"ce", "lsskd", "lsskd_robust", "pskd", "kd", "byot"} <= set(builtin)
+    for name in builtin:
         assert f"### `method.name: {name}`" in doc
         for key in METHODS.get(name).defaults:
             assert f"`method.{key}`" in doc, (name, key)

@@ -135,13 +135,16 @@ def common_keys() -> List[Tuple[str, Any, str, str]]:
 
 
 def method_keys() -> Dict[str, List[Tuple[str, Any, str]]]:
-    """Registered method name -> [(key, default, meaning)] of its own ``method.`` keys."""
+    """Built-in method name -> [(key, default, meaning)] of its own ``method.`` keys (a
+    plugin's methods, registered by the user's own module, are not lsskd's to document)."""
     from . import methods  # noqa: F401 - registers the built-in methods
     from .registry import METHODS
 
     out = {}
     for name in METHODS.names():
         cls = METHODS.get(name)
+        if not cls.__module__.startswith(f"{__package__}."):
+            continue
         meanings: Dict[str, str] = {}
         for klass in reversed(cls.__mro__):  # the most derived comment wins
             meanings.update({k: v for k, v in _meanings_in(klass, "defaults").items() if v})
