@@ -33,3 +33,21 @@ def cifar_bundle(cifar_root):
     cfg = copy.deepcopy(DEFAULTS["data"])
     cfg["root"] = str(cifar_root)
     return build_data(cfg)
+
+
+def run_lsskd(argv, capsys):
+    """(exit status, stdout, stderr) of ``lsskd ARGV`` run in-process; argparse exits count
+    as statuses, and torch's thread count is restored (train.threads would leak into later
+    tests)."""
+    from lsskd.cli import main
+
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return rc, out.out, out.err

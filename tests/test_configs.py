@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from lsskd.commands.sweep import expand, load_plan
+from lsskd.sweep import expand, load_plan
 from lsskd.config import DEFAULTS, build_config
 from lsskd.data.base import ArrayDataset, DataBundle
 from lsskd.engine.profile import count_macs, count_params

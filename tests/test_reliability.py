@@ -196,10 +196,10 @@ def test_metrics_tolerate_a_torn_line_and_are_rewritten_atomically(tiny, tmp_pat
     tr = Trainer(tiny_cfg(tmp_path / "r", "ce", "train.epochs=1", "train.max_steps_per_epoch=1"), bundle=tiny)
     tr.run_dir.mkdir()
     (tr.run_dir / "metrics.jsonl").write_text('{"epoch": 1, "x": 1}\n{"epoch": 2, "x"')
-    tr._append_metrics({"epoch": 2, "x": 2})
+    tr.rundir.append_metrics({"epoch": 2, "x": 2})
     assert [json.loads(ln) for ln in (tr.run_dir / "metrics.jsonl").read_text().splitlines()] == \
         [{"epoch": 1, "x": 1}, {"epoch": 2, "x": 2}]
-    tr._truncate_metrics(1)
+    tr.rundir.truncate_metrics(1)
     assert (tr.run_dir / "metrics.jsonl").read_text() == '{"epoch": 1, "x": 1}\n'
 
 

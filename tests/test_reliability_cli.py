@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from lsskd.cli import main
+from conftest import run_lsskd
 from lsskd.config import DEFAULTS, build_config
 from lsskd.data.base import ArrayDataset, DataBundle
 from lsskd.engine.checkpoint import load_checkpoint
@@ -48,15 +48,8 @@ def train_args(root, out, *extra):
 
 def run_cli(argv, capsys):
     """(exit status, stderr) of ``lsskd ARGV``; argparse exits count as statuses."""
-    capsys.readouterr()
-    threads = torch.get_num_threads()  # train.threads would leak into later tests
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    finally:
-        torch.set_num_threads(threads)
-    return rc, capsys.readouterr().err
+    rc, _, err = run_lsskd(argv, capsys)
+    return rc, err
 
 
 def assert_one_line_error(rc, err, *needles, code=2):
@@ -198,7 +191,7 @@ BAD_YAML = [  # (file text, expected words, whether the file is checked while it
     # checked against the method's / trainer's own rules before any data is read
     ("method:\n  name: lsskd\n  alpha_T: high\n", "'method.alpha_T' must be a number", False),
     ("method:\n  name: ce\n  alpha_T: 0.5\n", "unknown config key 'method.alpha_T'", False),
-    ("optim:\n  lr: .inf\n", "optim.lr must be a finite number", False),
+    ("optim:\n  lr: .inf\n", "'optim.lr' must be a finite number >= 0, got inf", False),
     ("model:\n  kwargs: 5\n", "'model.kwargs' must be a mapping", False),
 ]
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lsskd.cli import main
-from lsskd.commands import sweep as sw
+from lsskd import sweep as sw
 from lsskd.config import ConfigError, build_config, dump
 from lsskd.data.base import DataBundle
 from lsskd.report import build_report
@@ -403,3 +403,44 @@ def test_report_plots_accuracy_against_the_epoch_budget(fake_runs, tmp_path):
     make_run(lone, "lsskd-e6", "lsskd", 0, 80.0, 90.0, 80.0, 6, epochs=6)
     build_report([lone], tmp_path / "lone-rep")
     assert not (tmp_path / "lone-rep" / "accuracy_vs_epochs.png").exists()
+
+
+def test_report_refuses_a_seed_repeated_in_two_folders_unless_allowed(fake_runs, tmp_path, capsys):
+    """Issue 20.5: a copy of a run (same config and seed, another folder, another commit and
+    thread count) is one training run, not a second seed."""
+    import shutil
+
+    from lsskd.data.base import DataError
+
+    copy = tmp_path / "elsewhere" / "ce" / "seed0"
+    shutil.copytree(fake_runs / "ce" / "seed0", copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["out_dir"] = str(copy)
+    cfg["train"]["threads"] = 2  # execution-only
+    cfg["provenance"] = {"git_commit": "0" * 40, "git_dirty": True, "torch": "9.9"}
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(DataError) as e:
+        build_report([fake_runs, tmp_path / "elsewhere"], tmp_path / "r", plots=False)
+    msg = str(e.value)
+    assert "seed 0 of ce" in msg and str(fake_runs / "ce" / "seed0") in msg and str(copy) in msg
+    assert "--allow-repeated-seeds" in msg
+    assert main(["report", str(fake_runs), str(tmp_path / "elsewhere"), "--out", str(tmp_path / "c"),
+                 "--no-plots"]) == 2
+    assert "more than one run folder" in capsys.readouterr().err
+
+    rep = build_report([fake_runs, tmp_path / "elsewhere"], tmp_path / "r", plots=False, allow_repeats=True)
+    ce = next(g for g in rep.groups if g.label == "ce (train_fraction=1)")
+    assert ce.stats["n"] == 4 and sorted(ce.stats["seeds"]) == [0, 0, 1, 2]
+    assert ce.stats["top1"][0] == pytest.approx((70 + 70 + 72 + 74) / 4)
+    assert len(rep.repeats) == 1 and "Repeated seeds" in (tmp_path / "r" / "report.md").read_text()
+    assert main(["report", str(fake_runs), str(tmp_path / "elsewhere"), "--out", str(tmp_path / "c"),
+                 "--no-plots", "--allow-repeated-seeds"]) == 0
+    assert "warning: repeated seeds" in capsys.readouterr().err
+
+    # same config, another seed: a genuine seed, even with a different commit recorded
+    (copy / "config.yaml").write_text(yaml.safe_dump({**cfg, "seed": 5}))
+    summ = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({**summ, "seed": 5}))
+    rep = build_report([fake_runs, tmp_path / "elsewhere"], tmp_path / "r2", plots=False)
+    ce = next(g for g in rep.groups if g.label == "ce (train_fraction=1)")
+    assert sorted(ce.stats["seeds"]) == [0, 1, 2, 5] and rep.repeats == []

@@ -10,8 +10,7 @@ import sys
 COMMANDS = ["train", "eval", "tune", "export", "predict", "profile", "sweep", "report", "bench"]
 
 
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+from .errors import CLIError  # noqa: E402,F401 - re-exported (commands raise it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,33 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .data.base import DataError
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteError, ResourceError, RunDirError
+    from .errors import USER_ERRORS, ResourceError, oom_errors
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, KeyError) as e:
+    except (*USER_ERRORS, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         # One line, so scripts and logs get the whole message (YAML errors span several).
         msg = "; ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())
         print(f"lsskd {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except torch_oom() as e:  # the trainer's ResourceError (a MemoryError) or a raw OOM
+    except oom_errors() as e:  # the trainer's ResourceError (a MemoryError) or a raw OOM
         if isinstance(e, ResourceError):
             print(f"lsskd {args.command}: error: {e}", file=sys.stderr)
         else:
             print(f"lsskd {args.command}: error: out of memory ({e}). Lower train.batch_size, "
                   "or set method.store_dtype=float16 (half-size soft-target store)", file=sys.stderr)
         return 3
-
-
-def torch_oom():
-    import torch
-
-    return (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
 
 
 if __name__ == "__main__":

@@ -14,82 +14,209 @@ from typing import Any, Dict, List
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+from .errors import ConfigError  # noqa: F401 - re-exported
 
 
 DEFAULTS: Dict[str, Any] = {
-    "seed": 0,
-    "out_dir": "runs/default",
+    "seed": 0,  # model initialisation, data order and augmentation (not the data subset: data.subset_seed)
+    "out_dir": "runs/default",  # the run directory (never overwritten; resume with --resume)
     "plugins": [],  # your modules (dotted names or .py files) that register models/methods/data
-    "model": {"name": "resnet20", "kwargs": {}},
-    "method": {"name": "ce"},  # method-specific keys come from the method's defaults
+    "model": {
+        "name": "resnet20",  # a registered backbone (docs/models.md), or one of your own via plugins
+        "kwargs": {},  # extra constructor arguments of the model, e.g. {width: 12}
+    },
+    "method": {"name": "ce"},  # method-specific keys come from the method's defaults (below)
     "data": {
         "name": "folder",  # folder | cifar10 | cifar100 | tiny_imagenet | digits | hapt ...
-        "root": "",
-        "download": False,
+        "root": "",  # dataset folder (folder: ROOT/train/<class>/*, ROOT/test/<class>/*; docs/data.md)
+        "download": False,  # fetch the dataset into data.root if missing (datasets with a download)
         "classes": [],  # keep only these classes (names, or N = the first N; [] = all)
         "train_fraction": 1.0,  # stratified subset of the training set (paper Fig. 5)
         "per_class": 0,  # exact images per class instead of a fraction (0 = off)
         "val_fraction": 0.0,  # stratified held-out split of the training data (0 = none)
         "val_split": "stratified",  # stratified (by class) | group (whole subjects; sensor data)
         "eval_on": "test",  # test | val: which split the per-epoch evaluation uses
-        "subset_seed": 0,
+        "subset_seed": 0,  # seed of the train_fraction / per_class / val_fraction draws
         "cache_dir": "",  # decoded-image cache ('' = ~/.cache/lsskd, 'none' = off)
         "image_size": 0,  # resize images to this square size (0 = native; digits: 8 or 16)
         "url": "",  # download URL override (https:// or file://; '' = the official one)
         "checksum": "",  # 'md5:<hex>' or 'sha256:<hex>' for data.url ('' = official)
-        "mean": [],  # [] = the dataset's own statistics
-        "std": [],
+        "mean": [],  # per-channel normalisation mean ([] = the dataset's own statistics)
+        "std": [],  # per-channel normalisation std ([] = the dataset's own statistics)
         "activities": "basic",  # hapt: basic (6 activities, labels 0..5) | all (12, with transitions)
         "train_subjects": [],  # hapt/uci_har: keep only these training subjects ([] = all 21)
         "augment": {
-            "crop_padding": 4,
-            "flip": True,
+            "crop_padding": 4,  # random crop after zero-padding by this many pixels (0 = off)
+            "flip": True,  # random horizontal flip; set false where flipping changes the label
             "cutout": 0,  # Cutout square side in pixels (0 = off)
             "cutmix_prob": 0.0,  # probability a batch is CutMixed (0 = off)
-            "cutmix_alpha": 1.0,
+            "cutmix_alpha": 1.0,  # CutMix: the mixing ratio is drawn from Beta(alpha, alpha)
             "jitter": 0.0,  # signals: additive Gaussian noise std (0 = off)
             "scaling": 0.0,  # signals: per-channel scale noise std (0 = off)
         },
     },
     "train": {
-        "epochs": 240,
-        "batch_size": 64,
-        "eval_batch_size": 256,
+        "epochs": 240,  # training epochs (the learning-rate schedule spans them)
+        "batch_size": 64,  # images per optimiser step (split over DDP ranks)
+        "eval_batch_size": 256,  # images per evaluation batch
         "device": "auto",  # auto | cpu | cuda | cuda:N
-        "amp": "off",  # off | bf16 | fp16
-        "channels_last": False,
-        "compile": False,
+        "amp": "off",  # mixed precision: off | bf16 | fp16 (fp16 with a gradient scaler)
+        "channels_last": False,  # channels-last memory format (faster convolutions on some GPUs)
+        "compile": False,  # torch.compile the backbone and branches
         "threads": 0,  # torch intra-op threads on CPU (0 = torch default)
-        "progress": True,
-        "tensorboard": True,
+        "progress": True,  # a progress bar per epoch on stderr
+        "tensorboard": True,  # TensorBoard events in <out_dir>/tb (if tensorboard is installed)
         "ckpt_every_steps": 0,  # extra mid-epoch checkpoints (0 = epoch ends only)
         "nonfinite": "stop",  # stop | skip: what a non-finite loss/gradient does
-        "max_skipped_steps": 10,
+        "max_skipped_steps": 10,  # nonfinite=skip: stop after skipping this many steps
         "max_steps_per_epoch": 0,  # cap steps per epoch (0 = full epoch); for smoke runs
-        "deterministic": False,
+        "deterministic": False,  # torch deterministic algorithms (warn where none exists)
         "bn_recalibrate": False,  # re-estimate BN stats on upright train images before eval
-        "sync_bn": False,
+        "sync_bn": False,  # DDP on CUDA: synchronised batch norm across ranks
         # false: the short last batch trains too, so every sample's stored prediction is
         # rewritten every epoch (docs/method.md); true keeps earlier results bit-identical.
         "drop_last": True,
     },
     "optim": {
-        "name": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "nesterov": False,
-        "weight_decay": 5e-4,
-        "schedule": "step",  # step | cosine
-        "milestones": [150, 210],
-        "lr_decay": 0.1,
-        "warmup_epochs": 0,
+        "name": "sgd",  # the optimiser (SGD only)
+        "lr": 0.05,  # base learning rate
+        "momentum": 0.9,  # SGD momentum
+        "nesterov": False,  # Nesterov momentum
+        "weight_decay": 5e-4,  # L2 weight decay (on every parameter, as in the paper)
+        "schedule": "step",  # step (x lr_decay at each milestone) | cosine (to 0 over train.epochs)
+        "milestones": [150, 210],  # schedule=step: epochs after which lr is multiplied by lr_decay
+        "lr_decay": 0.1,  # schedule=step: the factor at each milestone
+        "warmup_epochs": 0,  # linear warm-up from ~0 to lr over these epochs (0 = off)
     },
 }
 
 # Keys whose value is a free-form mapping (not validated key by key).
 FREE_KEYS = {"model.kwargs", "data.classes"}  # data.classes: int N or a list of names
+
+# Keys that change how a run executes but not its result: runs that differ only in these
+# (and in their provenance) are the same experiment, for ``lsskd report``'s grouping and
+# ``lsskd sweep``'s check of finished runs against the plan. ``seed`` is not one of them:
+# it changes the result, and the report groups seeds on purpose.
+EXECUTION_KEYS = frozenset({
+    "out_dir", "train.progress", "train.tensorboard", "train.threads", "train.ckpt_every_steps",
+    "train.eval_batch_size", "train.device", "train.compile", "train.channels_last", "data.cache_dir",
+})
+# A run's config.yaml also records the code that made it (git commit, torch version) under
+# this key; it is not a setting, so loading a config file ignores it.
+PROVENANCE_KEY = "provenance"
+
+
+def is_execution_key(key: str) -> bool:
+    """True for a dotted key in :data:`EXECUTION_KEYS` or under ``provenance.``."""
+    return key in EXECUTION_KEYS or key == PROVENANCE_KEY or key.startswith(PROVENANCE_KEY + ".")
+
+
+# Documented ranges of the numeric keys (interval notation: ``(0, 1]``, or ``>= 0``) and
+# the allowed values of the keys with a fixed set; :func:`check_config` enforces both
+# before any data is loaded, and docs/config.md lists them.
+RANGES: Dict[str, str] = {
+    "data.train_fraction": "(0, 1]",
+    "data.val_fraction": "[0, 1)",
+    "data.per_class": ">= 0",
+    "data.image_size": ">= 0",
+    "data.augment.crop_padding": ">= 0",
+    "data.augment.cutout": ">= 0",
+    "data.augment.cutmix_prob": "[0, 1]",
+    "data.augment.cutmix_alpha": "> 0",
+    "data.augment.jitter": ">= 0",
+    "data.augment.scaling": ">= 0",
+    "train.epochs": ">= 1",
+    "train.batch_size": ">= 1",
+    "train.eval_batch_size": ">= 1",
+    "train.threads": ">= 0",
+    "train.ckpt_every_steps": ">= 0",
+    "train.max_skipped_steps": ">= 0",
+    "train.max_steps_per_epoch": ">= 0",
+    "optim.lr": ">= 0",
+    "optim.momentum": "[0, 1]",
+    "optim.weight_decay": ">= 0",
+    "optim.lr_decay": "(0, 1]",
+    "optim.warmup_epochs": ">= 0",
+}
+CHOICES: Dict[str, tuple] = {
+    "data.val_split": ("stratified", "group"),
+    "data.eval_on": ("test", "val"),
+    "data.activities": ("basic", "all"),
+    "train.amp": ("off", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
+    "optim.name": ("sgd",),
+    "optim.schedule": ("step", "cosine"),
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """``value`` lies in ``spec`` (``(lo, hi]``-style interval or ``>= x`` / ``> x``); NaN never does."""
+    import math
+
+    if not math.isfinite(value):
+        return False
+    if spec.startswith((">=", ">")):
+        lo = float(spec.lstrip(">= "))
+        return value >= lo if spec.startswith(">=") else value > lo
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return ((value >= lo) if spec[0] == "[" else (value > lo)) and ((value <= hi) if spec[-1] == "]" else (value < hi))
+
+
+def check_values(cfg: Dict) -> None:
+    """Every key of :data:`RANGES` and :data:`CHOICES` against its documented values; the
+    error names the key, the value and what is allowed."""
+    flat = flatten(cfg)
+    for key, spec in RANGES.items():
+        v = flat.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_range(v, spec):
+            shown = f"in {spec}" if spec[0] in "([" else spec
+            finite = "" if v == v and abs(v) != float("inf") else "a finite number "
+            raise ConfigError(f"config key '{key}' must be {finite}{shown}, got {v}")
+    for key, allowed in CHOICES.items():
+        if key in flat and flat[key] not in allowed:
+            raise ConfigError(f"config key '{key}' must be {' or '.join(allowed)}, got {flat[key]!r}")
+    for m in cfg.get("optim", {}).get("milestones", []):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError(f"config key 'optim.milestones' must be a list of epochs >= 0, got {m!r}")
+
+
+def check_config(cfg: Dict) -> None:
+    """Cheap checks run before any data is loaded, so a bad config fails in milliseconds
+    with the key named: ranges and choices, the device, the registered names (after
+    importing ``plugins``), ``model.kwargs`` against the model's signature, and the
+    method's own keys against its defaults."""
+    import inspect
+
+    from .plugins import import_plugins
+    from .registry import DATASETS, METHODS, MODELS
+
+    import_plugins(cfg.get("plugins", []))
+    check_values(cfg)
+    device = cfg["train"]["device"]
+    if device != "auto":
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    for section, reg in (("model", MODELS), ("method", METHODS), ("data", DATASETS)):
+        name = cfg[section].get("name")
+        if name not in reg:
+            raise ConfigError(f"{section}.name: unknown {reg.kind} {name!r}; "
+                              f"registered: {', '.join(reg.names())} (one of your own: name the "
+                              f"module that registers it in plugins=[...])")
+    kwargs = cfg["model"].get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"config key 'model.kwargs' must be a mapping, got {kwargs!r}")
+    try:
+        inspect.signature(MODELS.get(cfg["model"]["name"])).bind(num_classes=2, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs do not fit model {cfg['model']['name']!r}: {e}") from None
+    except ValueError:  # no introspectable signature: leave it to the constructor
+        pass
+    validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
+                     METHODS.get(cfg["method"]["name"]).defaults, "method.")
 
 
 def _merge(base: Dict, update: Dict, prefix: str, strict: bool) -> Dict:
@@ -185,6 +312,7 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> Dict:
         raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
+    data.pop(PROVENANCE_KEY, None)  # a run's record of its code, not a setting
     base = data.pop("_base_", None)
     if base:
         if not isinstance(base, str):
@@ -211,11 +339,18 @@ def build_config(file: str | Path | None = None, overrides: List[str] | None = N
         try:
             cfg = _merge(cfg, load_yaml(file), "", strict=True)
         except ConfigError as e:
-            raise ConfigError(f"{file}: {e}") from None
+            # load_yaml's own errors already name the file; say it once.
+            raise ConfigError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
     for item in overrides or []:
         path, value = parse_override(item)
         cfg = _merge(cfg, _nest(path, value), "", strict=True)
     return cfg
+
+
+def merge(update: Dict, strict: bool = True, base: Dict | None = None) -> Dict:
+    """``update`` (a nested config, e.g. read from a file) over ``base`` (default:
+    :data:`DEFAULTS`), type-checked. ``strict=False`` keeps unknown keys instead of failing."""
+    return _merge(DEFAULTS if base is None else base, update, "", strict)
 
 
 def run_config(run_dir: str | Path) -> Dict:

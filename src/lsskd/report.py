@@ -3,7 +3,7 @@
 A run directory is any folder holding ``summary.json`` (written by ``lsskd train``
 at the end of a run), usually with ``config.yaml`` and ``metrics.jsonl``. Runs that
 share their whole config apart from the seed (and keys that only affect how a run
-executes, :data:`IGNORED_KEYS`) form one group; each group is reported as mean and
+executes, :func:`lsskd.config.is_execution_key`) form one group; each group is reported as mean and
 sample standard deviation (n - 1 denominator) over its seeds.
 
 The headline number is the test top-1 accuracy **at the last epoch**. The best
@@ -22,16 +22,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ConfigError, flatten
-from .data.base import DataError
+from .config import ConfigError, flatten, is_execution_key
+from .errors import DataError
 
-# Config keys that do not change a run's result: runs differing only in these
-# are seeds of the same experiment.
-IGNORED_KEYS = {
-    "seed", "out_dir", "train.progress", "train.tensorboard", "train.threads",
-    "train.ckpt_every_steps", "train.eval_batch_size", "train.device", "train.compile",
-    "train.channels_last", "data.cache_dir",
-}
+
+def ignored_key(key: str) -> bool:
+    """Keys left out of a run's identity: the seed (a group's runs differ in it) and the
+    execution-only keys and provenance (config.EXECUTION_KEYS)."""
+    return key == "seed" or is_execution_key(key)
+
 # Keys with their own column; not repeated in the "settings" column.
 OWN_COLUMNS = {"method.name", "model.name", "data.name", "data.root", "train.epochs"}
 # --group-by aliases for summary fields.
@@ -162,10 +161,28 @@ def _identity(run: Run) -> Dict[str, Any]:
     if run.config:
         defaults = _current_defaults(run.config.get("method.name"))
         return {k: v for k, v in run.config.items()
-                if k not in IGNORED_KEYS and not (k in defaults and _freeze(defaults[k]) == _freeze(v))}
+                if not ignored_key(k) and not (k in defaults and _freeze(defaults[k]) == _freeze(v))}
     s = run.summary
     return {"method.name": s.get("method"), "model.name": s.get("model"),
             "data.name": s.get("dataset"), "train.epochs": s.get("epochs")}
+
+
+def repeated_seeds(runs: Sequence[Run]) -> List[List[Run]]:
+    """Runs that repeat another run's seed of the same experiment (the same config, execution
+    keys and provenance aside): each list holds the folders of one (config, seed). Averaging
+    them would count one training run as several seeds. Runs without config.yaml are left
+    out (their summary alone cannot tell two experiments apart)."""
+    by: Dict[Tuple, List[Run]] = {}
+    for r in runs:
+        if r.config:
+            key = (tuple(sorted((k, _freeze(v)) for k, v in _identity(r).items())), _freeze(r.seed))
+            by.setdefault(key, []).append(r)
+    return [rs for rs in by.values() if len(rs) > 1]
+
+
+def describe_repeats(repeats: Sequence[Sequence[Run]]) -> str:
+    return "; ".join(f"seed {rs[0].seed} of {rs[0].summary.get('method', '?')} in "
+                     + " and ".join(str(r.path) for r in rs) for rs in repeats)
 
 
 def dataset_name(run: Run) -> str:
@@ -177,7 +194,7 @@ def dataset_name(run: Run) -> str:
 
 
 def group_runs(runs: Sequence[Run], group_by: Optional[Sequence[str]] = None) -> List[Group]:
-    """Group seeds of one experiment: by whole config (minus :data:`IGNORED_KEYS`), or
+    """Group seeds of one experiment: by whole config (minus :func:`ignored_key`), or
     by the named fields (summary keys such as ``method`` or dotted config keys)."""
     groups: Dict[Tuple, Group] = {}
     for r in runs:
@@ -629,16 +646,24 @@ class Report:
     runs: List[Run]
     unfinished: List[Path]
     files: List[Path]
+    repeats: List[List[Run]] = field(default_factory=list)  # counted anyway (allow_repeats)
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optional[Sequence[str]] = None,
-                 baseline: Optional[str] = "ce", plots: bool = True) -> Report:
+                 baseline: Optional[str] = "ce", plots: bool = True, allow_repeats: bool = False) -> Report:
     """Find runs under ``paths``, aggregate them, write ``report.md``, ``report.csv``
-    and (with ``plots``) PNG figures into ``out``."""
+    and (with ``plots``) PNG figures into ``out``. Two folders holding the same seed of
+    the same config (:func:`repeated_seeds`, e.g. a run copied elsewhere) are refused
+    unless ``allow_repeats``; then they are counted and listed in ``Report.repeats``."""
     runs, unfinished = find_runs(paths)
     if not runs:
         hint = f" ({len(unfinished)} unfinished run(s) found)" if unfinished else ""
         raise DataError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}{hint}")
+    repeats = repeated_seeds(runs)
+    if repeats and not allow_repeats:
+        raise DataError(f"{len(repeats)} seed(s) appear in more than one run folder with the same config "
+                        f"({describe_repeats(repeats)}); each would count as another seed. Remove the "
+                        "copies, or pass --allow-repeated-seeds to count them anyway")
     groups = group_runs(runs, group_by)
     compute_stats(groups)
     add_deltas(groups, baseline, by_fields=bool(group_by))
@@ -660,6 +685,10 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    (out / "report.md").write_text(markdown(groups, runs, unfinished, baseline, figs, [str(p) for p in paths]))
+    md = markdown(groups, runs, unfinished, baseline, figs, [str(p) for p in paths])
+    if repeats:
+        md += ("\n## Repeated seeds (counted, --allow-repeated-seeds)\n\n"
+               + "".join(f"- {describe_repeats([rs])}\n" for rs in repeats))
+    (out / "report.md").write_text(md)
     files = [out / "report.md", out / "report.csv", *files]
-    return Report(groups, runs, unfinished, files)
+    return Report(groups, runs, unfinished, files, repeats)

@@ -11,15 +11,15 @@ from pathlib import Path
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="time and memory of a training step per method, FLOPs ratios, store sizes")
-    p.add_argument("--model", default="resnet8")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--model", default="resnet8", help="registered model name (default resnet8)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per training step (default 64)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="method names, optionally with options: lsskd:views_per_step=2,store=topk "
                         "(default: ce pskd sad_ce lsskd)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision (default off)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--num-classes", type=int, default=100, help="synthetic data: classes")
     p.add_argument("--image-size", type=int, default=32, help="synthetic data: square image side")

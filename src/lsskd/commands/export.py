@@ -8,7 +8,7 @@ from pathlib import Path
 def add_parser(sub):
     p = sub.add_parser("export", help="export the deployed backbone to TorchScript or ONNX (+ metadata JSON)")
     p.add_argument("--checkpoint", required=True, help="last.pt / best.pt written by `lsskd train`")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="file format to write")
     p.add_argument("--out", help="output file (default: next to the checkpoint, .ts / .onnx); "
                                  "metadata goes to OUT.json")
     p.add_argument("--parity-images", type=int, default=64,

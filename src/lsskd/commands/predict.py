@@ -11,8 +11,8 @@ def add_parser(sub):
     src.add_argument("--model", help="TorchScript or ONNX file written by `lsskd export` (reads FILE.json)")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively); "
                                              ".npy arrays for signal models")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--topk", type=int, default=5, help="classes listed per input, most probable first (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs classified per forward pass (default 64)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
     p.add_argument("--json", metavar="PATH", help="also write the predictions as JSON ('-' = stdout only)")
     p.add_argument("--unsafe-load", action="store_true",

@@ -7,13 +7,13 @@ import json
 def add_parser(sub):
     p = sub.add_parser("profile", help="parameters, MACs, file sizes and batch-1 CPU latency of the "
                                        "deployed model vs the same architecture built plainly")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="last.pt / best.pt written by `lsskd train`")
     p.add_argument("--compare-model", action="append", default=[], metavar="NAME",
                    help="also time a plainly built model of this name (repeatable)")
     p.add_argument("--exported", action="append", default=[], metavar="FILE",
                    help="also time an exported TorchScript/ONNX file (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch/onnxruntime CPU threads (0 = default)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls per model before timing (default 10)")
     p.add_argument("--repeats", type=int, default=100, help="timed calls per model (median reported)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the calls are split into")
     p.add_argument("--no-training-params", action="store_true",

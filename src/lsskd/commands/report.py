@@ -1,6 +1,7 @@
 """``lsskd report RUN_DIR... [--out DIR]``: tables and plots over finished runs."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..config import ConfigError
@@ -20,18 +21,25 @@ def add_parser(sub):
     p.add_argument("--compare-to", default="ce", metavar="METHOD",
                    help="baseline method for the 'delta vs baseline' column (default: ce; 'none' to omit)")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    p.add_argument("--allow-repeated-seeds", action="store_true",
+                   help="count two run folders with the same config and seed as two seeds (by default "
+                        "the report refuses: one is usually a copy of the other)")
     return p
 
 
 def run(args) -> int:
-    from ..report import build_report
+    from ..report import build_report, describe_repeats
 
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] or None
     out = args.out or args.runs[0]
     if Path(out).is_file():
         raise ConfigError(f"--out {out} is a file; give a folder")
     baseline = None if str(args.compare_to).lower() in ("", "none") else args.compare_to
-    rep = build_report(args.runs, out, group_by=group_by, baseline=baseline, plots=not args.no_plots)
+    rep = build_report(args.runs, out, group_by=group_by, baseline=baseline, plots=not args.no_plots,
+                       allow_repeats=args.allow_repeated_seeds)
+    if rep.repeats:
+        print(f"warning: repeated seeds counted as separate seeds: {describe_repeats(rep.repeats)}",
+              file=sys.stderr)
     print(f"{len(rep.runs)} run(s) in {len(rep.groups)} group(s)"
           + (f"; {len(rep.unfinished)} unfinished run(s) left out" if rep.unfinished else ""))
     for g in rep.groups:

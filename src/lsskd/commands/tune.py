@@ -21,20 +21,26 @@ from statistics import mean, stdev
 
 from ..config import ConfigError, dump, nest_overrides, parse_override
 from ..engine.checkpoint import atomic_write_json, atomic_write_text
-from .sweep import expand, format_table, grid_points, run_sweep
+from ..sweep import expand, format_table, grid_points, run_sweep
 
 
 def add_parser(sub):
     p = sub.add_parser("tune", help="grid-search hyper-parameters on a held-out training split (never the test set)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out-root", required=True)
+    p.add_argument("--config", required=True, help="the training config whose keys are tuned (see configs/)")
+    p.add_argument("--out-root", required=True,
+                   help="folder for the candidates' runs (<out-root>/<config-stem>-<grid tag>/seed<k>), "
+                        "tune.json and chosen.yaml")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="a key and its candidate values; repeat for a product grid")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds every candidate trains with (default 0); with two or more, each candidate's "
+                        "deficit to the winner is paired by seed and given ± its standard error")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="stratified share of the training data held out to score candidates (default 0.1); "
+                        "the test set is never read")
     p.add_argument("--jobs", type=int, default=1,
                    help="candidates trained at once, as `python -m lsskd train` subprocesses (as in sweep)")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the candidate runs and what would happen; train nothing")
     p.add_argument("overrides", nargs="*", help="fixed overrides for every candidate")
     return p
 

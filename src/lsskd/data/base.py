@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 
-class DataError(ValueError):
-    """Bad or missing data; the message names the file, folder or value."""
+from ..errors import DataError  # noqa: F401,E402 - re-exported (defined with the other user errors)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -29,8 +30,7 @@ import torch
 from ..data.download import file_digest
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or unsafe; the message names it."""
+from ..errors import CheckpointError  # noqa: E402,F401 - re-exported
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -125,6 +125,32 @@ def save_checkpoint(state: Dict[str, Any], path: str | Path, keep_previous: bool
     atomic_write_text(sidecar(path), digest + "\n")
 
 
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module, name):  # never import anything while sniffing
+        raise pickle.UnpicklingError(f"global {module}.{name}")
+
+
+def is_torch_file(path: str | Path) -> bool:
+    """False when ``path`` was certainly not written by ``torch.save``: a readable zip
+    archive without a ``<name>/data.pkl`` entry, or a file that is neither a zip archive
+    nor the legacy format (a pickle that starts with torch's magic number). A damaged zip
+    (e.g. a truncated checkpoint) counts as a torch file, so that its loading error says
+    truncated. Reads only the header; nothing is unpickled beyond plain numbers."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+                except zipfile.BadZipFile:
+                    return True  # a zip cut short: damaged, perhaps a truncated checkpoint
+            f.seek(0)
+            return _NoGlobals(f).load() == 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+    except Exception:  # noqa: BLE001 - any other failure to read the header means "not torch"
+        return False
+
+
 def load_checkpoint(path: str | Path, weights_only: bool = True, map_location="cpu") -> Dict[str, Any]:
     """Load with ``weights_only=True`` (no arbitrary code) unless the caller opts out;
     verify the SHA-256 sidecar when present. Every failure is a :class:`CheckpointError`
@@ -138,6 +164,10 @@ def load_checkpoint(path: str | Path, weights_only: bool = True, map_location="c
         if want and file_digest(path, "sha256") != want:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt or truncated: its SHA-256 does not match {side.name}")
+    if not is_torch_file(path):
+        empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+        raise CheckpointError(f"{path} is not a checkpoint{empty}: it was not written by torch.save "
+                              "(lsskd writes checkpoints as <run>/last.pt and <run>/best.pt)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:

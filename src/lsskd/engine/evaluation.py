@@ -5,13 +5,14 @@ from typing import Dict, List
 
 import torch
 
-from ..config import DEFAULTS, _merge, build_config
+from ..config import build_config, merge
 from ..data import BatchAugment, build_data
 from ..plugins import import_plugins
 from .checkpoint import load_checkpoint
 from .distributed import DistInfo
 from .profile import count_params
-from .trainer import build_method, evaluate, resolve_device
+from .metrics import evaluate
+from .trainer import build_method, resolve_device
 
 
 def load_trained(path, overrides: List[str] | None = None, weights_only: bool = True, device="cpu"):
@@ -19,7 +20,13 @@ def load_trained(path, overrides: List[str] | None = None, weights_only: bool = 
     ``overrides`` applied, and the verified checkpoint. Builds no method and restores no
     weights (``lsskd.deploy.load_training_method`` does)."""
     st = load_checkpoint(path, weights_only=weights_only)
-    cfg = _merge(DEFAULTS, st["config"], "", strict=True)
+    missing = [k for k in ("config", "method") if k not in st]
+    if missing:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path} is not an lsskd checkpoint: a torch file without "
+                              f"{', '.join(repr(k) for k in missing)} (lsskd writes <run>/last.pt and <run>/best.pt)")
+    cfg = merge(st["config"])
     import_plugins(cfg["plugins"])  # a model or method of the user's own
     if overrides:
         over = build_config(None, overrides)

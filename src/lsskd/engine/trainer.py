@@ -1,14 +1,16 @@
 """The training loop: the paper's recipe by default, resumable to the step.
 
-A run directory holds ``config.yaml``, ``metrics.jsonl`` (one JSON line per
-epoch), ``summary.json``, ``last.pt`` / ``best.pt`` (atomic, checksummed) and
-TensorBoard events under ``tb/``.
+Concerns live in their own modules: the run directory's files in
+:mod:`lsskd.engine.rundir`, what a checkpoint holds in :mod:`lsskd.engine.state`,
+config validation in :func:`lsskd.config.check_config`. Here: setup (device, AMP, DDP,
+compile), and the epoch loop as train (:meth:`Trainer._train_epoch`), evaluate
+(:meth:`Trainer._evaluate_epoch`) and log (:meth:`Trainer._log_epoch`). At about 450
+lines it is over the house's 400: the optimiser step with its non-finite handling and
+the summary are the remaining bulk, and each reads the trainer's whole state.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -16,98 +18,22 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
-from ..config import ConfigError, dump
+from ..config import ConfigError, check_config
 from ..data import BatchAugment, BatchIterator, DataBundle, build_data
+from ..errors import NonFiniteError, ResourceError, oom_errors  # noqa: F401 - re-exported
 from ..models import build_model
 from ..methods.base import MethodContext
 from ..methods.store import StoreBase
 from ..registry import METHODS
-from .checkpoint import (CheckpointError, atomic_write_json, atomic_write_text, load_latest,
-                         previous_path, save_checkpoint)
+from .checkpoint import save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .metrics import evaluate, recalibrate_bn, topk_correct  # noqa: F401 - re-exported
 from .profile import count_macs, count_params
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN/inf; the message names epoch, step and term."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory would be overwritten, or cannot be resumed."""
-
-
-class ResourceError(MemoryError):
-    """Out of (GPU or host) memory; the message says where and what to lower.
-    A ``MemoryError`` so callers that catch that still see it."""
-
-
-# Checkpoint keys resume needs; a file without them is not one of ours.
-_RESUME_KEYS = ("method", "optimizer", "scaler", "epoch", "step", "order", "rng", "best",
-                "train_seconds", "skipped_steps", "accum")
-
-
-def _oom_types():
-    return (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
-
-
-def check_run_config(cfg: Dict) -> None:
-    """Cheap checks run before any data is loaded, so a bad config fails in
-    milliseconds with the key named (the method's own keys included)."""
-    from ..config import validate_section
-    from ..plugins import import_plugins
-    from ..registry import MODELS
-
-    import_plugins(cfg.get("plugins", []))
-    t = cfg["train"]
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if t[key] < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
-    for key in ("ckpt_every_steps", "max_skipped_steps", "max_steps_per_epoch", "threads"):
-        if t[key] < 0:
-            raise ConfigError(f"train.{key} must be >= 0, got {t[key]}")
-    if t["nonfinite"] not in ("stop", "skip"):
-        raise ConfigError(f"train.nonfinite must be stop or skip, got {t['nonfinite']!r}")
-    lr = cfg["optim"]["lr"]
-    if not math.isfinite(lr) or lr < 0:
-        raise ConfigError(f"optim.lr must be a finite number >= 0, got {lr}")
-    if t["amp"] not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be off, bf16 or fp16, got {t['amp']!r}")
-    if t["device"] != "auto":
-        try:
-            torch.device(t["device"])
-        except RuntimeError:
-            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t['device']!r}") from None
-    if cfg["optim"]["name"] != "sgd":
-        raise ConfigError(f"optim.name must be 'sgd', got {cfg['optim']['name']!r}")
-    if cfg["optim"]["schedule"] not in ("step", "cosine"):
-        raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {cfg['optim']['schedule']!r}")
-    if cfg["data"]["eval_on"] not in ("test", "val"):
-        raise ConfigError(f"data.eval_on must be test or val, got {cfg['data']['eval_on']!r}")
-    from ..registry import DATASETS
-
-    for section, reg in (("model", MODELS), ("method", METHODS), ("data", DATASETS)):
-        name = cfg[section].get("name")
-        if name not in reg:
-            raise ConfigError(f"{section}.name: unknown {reg.kind} {name!r}; "
-                              f"registered: {', '.join(reg.names())} (one of your own: name the "
-                              f"module that registers it in plugins=[...])")
-    kwargs = cfg["model"].get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"config key 'model.kwargs' must be a mapping, got {kwargs!r}")
-    import inspect
-
-    try:
-        inspect.signature(MODELS.get(cfg["model"]["name"])).bind(num_classes=2, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model.kwargs do not fit model {cfg['model']['name']!r}: {e}") from None
-    except ValueError:  # no introspectable signature: leave it to the constructor
-        pass
-    validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
-                     METHODS.get(cfg["method"]["name"]).defaults, "method.")
+from .rundir import RunDir, RunDirError, provenance  # noqa: F401 - RunDirError: re-exported
+from .state import capture as capture_state, restore as restore_state
 
 
 def resolve_device(pref: str, dist_info: DistInfo) -> torch.device:
@@ -129,15 +55,12 @@ def lr_at(cfg_optim: Dict, epochs: int, epoch0: int, step: int, steps_per_epoch:
         return base * (t + 1.0 / max(1, steps_per_epoch)) / warm
     if cfg_optim["schedule"] == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * t / epochs))
-    if cfg_optim["schedule"] == "step":
-        n = sum(epoch0 >= m for m in cfg_optim["milestones"])
-        return base * cfg_optim["lr_decay"] ** n
-    raise ConfigError(f"optim.schedule must be 'step' or 'cosine', got {cfg_optim['schedule']!r}")
+    n = sum(epoch0 >= m for m in cfg_optim["milestones"])  # "step" (checked by check_config)
+    return base * cfg_optim["lr_decay"] ** n
 
 
 def build_optimizer(params, cfg_optim: Dict) -> torch.optim.Optimizer:
-    if cfg_optim["name"] != "sgd":
-        raise ConfigError(f"optim.name must be 'sgd', got {cfg_optim['name']!r}")
+    # optim.name is "sgd", the only choice (checked by check_config).
     # No weight decay on norm parameters/biases is a common tweak; the paper decays all.
     return torch.optim.SGD(params, lr=cfg_optim["lr"], momentum=cfg_optim["momentum"],
                            nesterov=cfg_optim["nesterov"], weight_decay=cfg_optim["weight_decay"])
@@ -153,68 +76,6 @@ def build_method(cfg: Dict, bundle: DataBundle):
         raise ConfigError(f"method {cfg['method']['name']!r} reads the held-out split after every "
                           f"epoch (wants_val): set data.val_fraction > 0 (e.g. 0.1)")
     return method
-
-
-def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> Dict[int, int]:
-    k = min(max(ks), logits.shape[1])
-    pred = logits.topk(k, dim=1).indices
-    hit = pred == y[:, None]
-    return {kk: int(hit[:, : min(kk, k)].any(1).sum()) for kk in ks}
-
-
-@torch.no_grad()
-def evaluate(method, ds, aug: BatchAugment, batch_size: int, device, channels_last=False,
-             autocast=nullcontext) -> Dict[str, float]:
-    """Top-1/top-5 and loss of the deployed backbone, plus any extra heads'
-    top-1 (``<head>_top1``) from ``method.eval_outputs``."""
-    was = method.training
-    method.eval()
-    n, loss_sum, c1, c5 = 0, 0.0, 0, 0
-    extra: Dict[str, int] = {}
-    for start in range(0, len(ds), batch_size):
-        x = ds.x[start : start + batch_size].to(device, non_blocking=True)
-        y = ds.y[start : start + batch_size].to(device, non_blocking=True)
-        x, _ = aug(x, None, train=False)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits, outs = method.eval_forward(x)
-            logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        hits = topk_correct(logits, y)
-        c1 += hits[1]
-        c5 += hits[5]
-        for name, lg in outs.items():
-            extra[name] = extra.get(name, 0) + topk_correct(lg.float(), y, ks=(1,))[1]
-        n += len(y)
-    method.train(was)
-    out = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n}
-    out.update({f"{k}_top1": 100.0 * v / n for k, v in extra.items()})
-    return out
-
-
-@torch.no_grad()
-def recalibrate_bn(backbone: nn.Module, ds, aug: BatchAugment, batch_size: int, device,
-                   max_batches: int = 50) -> None:
-    """Re-estimate batch-norm running statistics on untransformed training images
-    (the eval-time distribution), as a cumulative average over ``max_batches``."""
-    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [(m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was = backbone.training
-    backbone.train()
-    for b, start in enumerate(range(0, len(ds), batch_size)):
-        if b >= max_batches:
-            break
-        x, _ = aug(ds.x[start : start + batch_size].to(device), None, train=False)
-        backbone(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    backbone.train(was)
 
 
 def compile_modules(method: nn.Module) -> list:
@@ -245,16 +106,17 @@ class Trainer:
 
     def __init__(self, cfg: Dict, resume: bool = False, bundle: DataBundle | None = None,
                  unsafe_load: bool = False):
-        check_run_config(cfg)
+        check_config(cfg)  # ranges, choices, names: before any data is loaded
         self.cfg = cfg
         self.tcfg = cfg["train"]
         self.unsafe_load = unsafe_load
         self._where = "setup"
         self.dist = init_distributed(self.tcfg["device"])
         self.device = resolve_device(self.tcfg["device"], self.dist)
-        self.run_dir = Path(cfg["out_dir"])
+        self.rundir = RunDir(cfg["out_dir"])
+        self.run_dir = self.rundir.path
         self.resume = resume
-        self._check_run_dir()
+        self.rundir.check(resume)
         if self.tcfg["threads"] > 0:
             torch.set_num_threads(self.tcfg["threads"])
         if self.tcfg["deterministic"]:
@@ -284,20 +146,9 @@ class Trainer:
                                 acfg["cutmix_prob"], acfg["cutmix_alpha"], acfg["jitter"], acfg["scaling"])
         self.optimizer = build_optimizer(self.method.parameters(), cfg["optim"])
         amp = self.tcfg["amp"]
-        if amp not in ("off", "bf16", "fp16"):
-            raise ConfigError(f"train.amp must be off, bf16 or fp16, got {amp!r}")
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
-        self.model_for_step = self.method
-        if self.dist.enabled:
-            # Every rank writes the same gathered rows into its store (after_step), so the
-            # store is left out of DDP's per-forward buffer broadcast (N x 4900 values).
-            store_bufs = [f"{name}.{b}" for name, mod in self.method.named_modules()
-                          if isinstance(mod, StoreBase) for b, _ in mod.named_buffers()]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.method, store_bufs)
-            self.model_for_step = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model_for_step = self._wrap_distributed() if self.dist.enabled else self.method
         if self.tcfg["compile"]:
             compile_modules(self.method)
         self.iterator = BatchIterator(self.bundle.train, self.tcfg["batch_size"] // self.dist.world_size
@@ -313,90 +164,32 @@ class Trainer:
         self.writer = None
         self.resumed_from: Optional[Path] = None
         if resume:
-            self._load(self.run_dir / "last.pt")
+            self.resumed_from = restore_state(self, self.rundir.last, weights_only=not unsafe_load)
 
-    # --- run directory -------------------------------------------------------
-    def _check_run_dir(self) -> None:
-        if self.resume:
-            last = self.run_dir / "last.pt"
-            if not last.is_file() and not previous_path(last).is_file():
-                raise RunDirError(f"cannot resume: no checkpoint {last} (nor {previous_path(last).name})")
-            return
-        if self.run_dir.exists() and any(
-            (self.run_dir / f).exists() for f in ("config.yaml", "last.pt", "metrics.jsonl", "summary.json")
-        ):
-            raise RunDirError(
-                f"run directory {self.run_dir} already holds a run; resume it with "
-                f"`lsskd train --resume {self.run_dir}` or choose another out_dir"
-            )
+    def _wrap_distributed(self) -> nn.Module:
+        # Every rank writes the same gathered rows into its store (after_step), so the
+        # store is left out of DDP's per-forward buffer broadcast (N x 4900 values).
+        store_bufs = [f"{name}.{b}" for name, mod in self.method.named_modules()
+                      if isinstance(mod, StoreBase) for b, _ in mod.named_buffers()]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self.method, store_bufs)
+        return nn.parallel.DistributedDataParallel(
+            self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    # --- checkpoints -----------------------------------------------------------
+    # --- checkpoints (contents: engine/state.py) -------------------------------------
     def _state(self, epoch_done: int, step: int) -> Dict:
-        return {
-            "format": "lsskd-checkpoint-1",
-            "version": __version__,
-            "config": self.cfg,
-            "classes": list(self.bundle.classes),
-            "mean": list(self.bundle.mean),
-            "std": list(self.bundle.std),
-            "input_shape": list(self.bundle.input_shape),
-            "modality": self.bundle.modality,
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch_done,
-            "step": step,
-            "order": self.order if step else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "data": self.data_gen.get_state(),
-                "aug": self.aug_gen.get_state(),
-            },
-            "best": dict(self.best),
-            "train_seconds": self.train_seconds,
-            "skipped_steps": self.skipped_steps,
-            "accum": dict(self.accum),
-        }
+        return capture_state(self, epoch_done, step)
 
     def save(self, epoch_done: int, step: int) -> None:
         # keep_previous: last.pt's predecessor stays as last.prev.pt (with its checksum),
         # so a crash mid-save never leaves the run without a valid checkpoint.
         if self.dist.is_main:
-            save_checkpoint(self._state(epoch_done, step), self.run_dir / "last.pt", keep_previous=True)
-
-    def _load(self, path: Path) -> None:
-        st, used = load_latest(path, weights_only=not self.unsafe_load)
-        self.resumed_from = used
-        missing = [k for k in _RESUME_KEYS if k not in st]
-        if missing:
-            raise CheckpointError(f"checkpoint {used} cannot be resumed: missing {', '.join(missing)}")
-        if st.get("config", {}).get("method", {}).get("name") not in (None, self.cfg["method"]["name"]):
-            raise CheckpointError(f"checkpoint {used} was written by method "
-                                  f"{st['config']['method']['name']!r}, the run's config says "
-                                  f"{self.cfg['method']['name']!r}")
-        try:
-            self.method.load_state_dict(st["method"])
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {used} does not fit the configured model: {e}") from None
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scaler.load_state_dict(st["scaler"])
-        torch.set_rng_state(st["rng"]["torch"])
-        if st["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-        self.data_gen.set_state(st["rng"]["data"])
-        self.aug_gen.set_state(st["rng"]["aug"])
-        self.start_epoch, self.start_step = st["epoch"], st["step"]
-        self.order = st["order"]
-        self.best = st["best"]
-        self.train_seconds = st["train_seconds"]
-        self.skipped_steps = st["skipped_steps"]
-        self.accum = st["accum"]
+            save_checkpoint(self._state(epoch_done, step), self.rundir.last, keep_previous=True)
 
     # --- loop ------------------------------------------------------------------
     def fit(self) -> Dict:
@@ -404,7 +197,7 @@ class Trainer:
         back as :class:`ResourceError` saying where they happened and what to lower."""
         try:
             return self._fit()
-        except _oom_types() as e:
+        except oom_errors() as e:
             if isinstance(e, ResourceError):
                 raise
             raise ResourceError(
@@ -416,99 +209,123 @@ class Trainer:
                 f"{self.run_dir}` once a checkpoint exists") from e
 
     def _fit(self) -> Dict:
-        cfg, t = self.cfg, self.tcfg
-        main = self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
-                atomic_write_text(self.run_dir / "config.yaml", dump(cfg))
-                atomic_write_text(self.run_dir / "metrics.jsonl", "")
-            else:
-                self._truncate_metrics(self.start_epoch)
+        t = self.tcfg
+        if self.dist.is_main:
+            self.rundir.start(self.cfg, self.resume, self.start_epoch)
             # On resume, drop events of epochs the checkpoint had not finished (they are replayed).
-            self.writer = (_tensorboard(self.run_dir / "tb", self.start_epoch + 1 if self.resume else None)
+            self.writer = (self.rundir.tensorboard(self.start_epoch + 1 if self.resume else None)
                            if t["tensorboard"] else None)
         epochs = t["epochs"]
         steps = len(self.iterator)
         if t["max_steps_per_epoch"]:
             steps = min(steps, t["max_steps_per_epoch"])
-        eval_ds = self.bundle.val if cfg["data"]["eval_on"] == "val" else self.bundle.test
         last_eval: Dict[str, float] = {}
         for epoch0 in range(self.start_epoch, epochs):
             t0 = time.time()
-            self.method.train()
-            self.method.on_epoch_start(epoch0 + 1, epochs)
-            if self.start_step == 0 or self.order is None:
-                self.order = self.iterator.order(self.data_gen)
-                self.accum = {}
-            first = self.start_step
-            self.start_step = 0
-            bar = _progress(t["progress"] and main, steps, first, f"epoch {epoch0 + 1}/{epochs}")
-            for step, (idx, xb, yb) in enumerate(self.iterator.batches(self.order, first), start=first):
-                if step >= steps:
-                    break
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr_at(cfg["optim"], epochs, epoch0, step, steps)
-                self._train_step(idx, xb, yb, epoch0, step)
-                if bar is not None:
-                    n = max(1.0, self.accum.get("n", 1.0))
-                    bar.set_postfix(loss=f"{self.accum.get('loss', 0) / n:.3f}",
-                                    img_s=f"{self.accum.get('n', 0) / max(1e-9, time.time() - t0):.0f}")
-                    bar.update(1)
-                if t["ckpt_every_steps"] and (step + 1) % t["ckpt_every_steps"] == 0 and step + 1 < steps:
-                    self.train_seconds += time.time() - t0
-                    t0 = time.time()
-                    self.save(epoch0, step + 1)
-            if bar is not None:
-                bar.close()
-            train_stats = self._reduce_accum()
-            schedule = self.method.schedule_stats()  # the values this epoch trained with
-            self.method.on_epoch_end(train_stats)
-            self.train_seconds += time.time() - t0
-            if t["bn_recalibrate"]:
-                recalibrate_bn(self.method.backbone, self.bundle.train, self.aug, t["eval_batch_size"], self.device)
-            self._where = f"evaluation after epoch {epoch0 + 1}"
-            last_eval = evaluate(self.method, eval_ds, self.aug, t["eval_batch_size"], self.device,
-                                 t["channels_last"], self.autocast)
-            val_extra: Dict[str, float] = {}
-            if self.method.wants_val:
-                # Methods that steer themselves by the held-out split (e.g. LSSKD's gap gate)
-                # see it after every epoch; never the test set.
-                if eval_ds is self.bundle.val:
-                    val_eval = last_eval
-                else:
-                    val_eval = evaluate(self.method, self.bundle.val, self.aug, t["eval_batch_size"],
-                                        self.device, t["channels_last"], self.autocast)
-                    val_extra = {"val_top1": val_eval["top1"], "val_loss": val_eval["loss"]}
-                self.method.on_validation(val_eval)
-            row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                   **{f"train_{k}": v for k, v in train_stats.items()},
-                   **{f"method_{k}": v for k, v in schedule.items()},
-                   **{f"{cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()}, **val_extra,
-                   "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
-                   "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0),
-                   "skipped_steps": self.skipped_steps}
-            if last_eval["top1"] > self.best["top1"]:
-                self.best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "epoch": epoch0 + 1}
-                if main:
-                    save_checkpoint(self._state(epoch0 + 1, 0), self.run_dir / "best.pt")
-            if main:
-                self._append_metrics(row)
-                if self.writer is not None:
-                    for k, v in row.items():
-                        if isinstance(v, (int, float)) and k != "epoch":
-                            self.writer.add_scalar(k.replace("_", "/", 1), v, epoch0 + 1)
-                    self.writer.flush()
-                self.save(epoch0 + 1, 0)
+            train_stats, schedule, t0 = self._train_epoch(epoch0, epochs, steps, t0)
+            last_eval, val_extra = self._evaluate_epoch(epoch0)
+            self._log_epoch(epoch0, train_stats, schedule, last_eval, val_extra, t0)
         if not last_eval:  # resumed after the final epoch's checkpoint: nothing left to train
-            last_eval = evaluate(self.method, eval_ds, self.aug, t["eval_batch_size"], self.device,
-                                 t["channels_last"], self.autocast)
+            if self.dist.is_main:
+                print(f"note: {self.run_dir} had already finished all {epochs} epochs; nothing was "
+                      "trained (the summary is re-evaluated from its last checkpoint)",
+                      file=sys.stderr, flush=True)
+            last_eval = self._evaluate(self._eval_split())
         summary = self._summary(last_eval)
-        if main:
-            atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.dist.is_main:
+            self.rundir.write_summary(summary)
             if self.writer is not None:
                 self.writer.close()
         return summary
+
+    def _train_epoch(self, epoch0: int, epochs: int, steps: int, t0: float):
+        """One epoch of optimiser steps (from a mid-epoch checkpoint's step on a resume).
+        Returns (mean training stats, the schedule values it trained with, the time the
+        current timing interval started: a mid-epoch checkpoint restarts it)."""
+        t, main = self.tcfg, self.dist.is_main
+        self.method.train()
+        self.method.on_epoch_start(epoch0 + 1, epochs)
+        if self.start_step == 0 or self.order is None:
+            self.order = self.iterator.order(self.data_gen)
+            self.accum = {}
+        first = self.start_step
+        self.start_step = 0
+        bar = _progress(t["progress"] and main, steps, first, f"epoch {epoch0 + 1}/{epochs}")
+        for step, (idx, xb, yb) in enumerate(self.iterator.batches(self.order, first), start=first):
+            if step >= steps:
+                break
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr_at(self.cfg["optim"], epochs, epoch0, step, steps)
+            self._train_step(idx, xb, yb, epoch0, step)
+            if bar is not None:
+                n = max(1.0, self.accum.get("n", 1.0))
+                bar.set_postfix(loss=f"{self.accum.get('loss', 0) / n:.3f}",
+                                img_s=f"{self.accum.get('n', 0) / max(1e-9, time.time() - t0):.0f}")
+                bar.update(1)
+            if t["ckpt_every_steps"] and (step + 1) % t["ckpt_every_steps"] == 0 and step + 1 < steps:
+                self.train_seconds += time.time() - t0
+                t0 = time.time()
+                self.save(epoch0, step + 1)
+        if bar is not None:
+            bar.close()
+        train_stats = self._reduce_accum()
+        schedule = self.method.schedule_stats()  # the values this epoch trained with
+        self.method.on_epoch_end(train_stats)
+        self.train_seconds += time.time() - t0
+        return train_stats, schedule, t0
+
+    def _eval_split(self):
+        return self.bundle.val if self.cfg["data"]["eval_on"] == "val" else self.bundle.test
+
+    def _evaluate(self, ds) -> Dict[str, float]:
+        t = self.tcfg
+        return evaluate(self.method, ds, self.aug, t["eval_batch_size"], self.device,
+                        t["channels_last"], self.autocast)
+
+    def _evaluate_epoch(self, epoch0: int):
+        """Scores after an epoch: (the ``data.eval_on`` split's, extra held-out columns)."""
+        t = self.tcfg
+        if t["bn_recalibrate"]:
+            recalibrate_bn(self.method.backbone, self.bundle.train, self.aug, t["eval_batch_size"], self.device)
+        self._where = f"evaluation after epoch {epoch0 + 1}"
+        eval_ds = self._eval_split()
+        last_eval = self._evaluate(eval_ds)
+        val_extra: Dict[str, float] = {}
+        if self.method.wants_val:
+            # Methods that steer themselves by the held-out split (e.g. LSSKD's gap gate)
+            # see it after every epoch; never the test set.
+            if eval_ds is self.bundle.val:
+                val_eval = last_eval
+            else:
+                val_eval = self._evaluate(self.bundle.val)
+                val_extra = {"val_top1": val_eval["top1"], "val_loss": val_eval["loss"]}
+            self.method.on_validation(val_eval)
+        return last_eval, val_extra
+
+    def _log_epoch(self, epoch0: int, train_stats: Dict, schedule: Dict, last_eval: Dict,
+                   val_extra: Dict, t0: float) -> None:
+        """The epoch's metrics row (metrics.jsonl, TensorBoard), best.pt when it is the
+        best so far, and last.pt."""
+        main = self.dist.is_main
+        row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
+               **{f"train_{k}": v for k, v in train_stats.items()},
+               **{f"method_{k}": v for k, v in schedule.items()},
+               **{f"{self.cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()}, **val_extra,
+               "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
+               "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0),
+               "skipped_steps": self.skipped_steps}
+        if last_eval["top1"] > self.best["top1"]:
+            self.best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "epoch": epoch0 + 1}
+            if main:
+                save_checkpoint(self._state(epoch0 + 1, 0), self.rundir.best)
+        if main:
+            self.rundir.append_metrics(row)
+            if self.writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self.writer.add_scalar(k.replace("_", "/", 1), v, epoch0 + 1)
+                self.writer.flush()
+            self.save(epoch0 + 1, 0)
 
     def _train_step(self, idx, xb, yb, epoch0, step):
         dev = self.device
@@ -589,31 +406,6 @@ class Trainer:
         return [(b, b.detach().clone()) for m in self.method.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
-    def _metric_lines(self) -> list:
-        """metrics.jsonl's complete rows; an unparsable line (a file written by a
-        crashed older version) is dropped rather than failing the resume."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        keep = []
-        for ln in path.read_text().splitlines():
-            try:
-                if isinstance(json.loads(ln), dict):
-                    keep.append(ln)
-            except ValueError:
-                continue
-        return keep
-
-    def _append_metrics(self, row: Dict) -> None:
-        # Rewritten whole and atomically (it is small): a crash never leaves half a line.
-        lines = self._metric_lines() + [json.dumps(row)]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in lines))
-
-    def _truncate_metrics(self, epochs_done: int) -> None:
-        """On resume: keep only the rows of epochs the checkpoint has finished."""
-        keep = [ln for ln in self._metric_lines() if json.loads(ln).get("epoch", 0) <= epochs_done]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(ln + "\n" for ln in keep))
-
     def _summary(self, last_eval: Dict[str, float]) -> Dict:
         cfg = self.cfg
         deployed = self.method.deploy()
@@ -637,21 +429,22 @@ class Trainer:
             "params_deployed": count_params(deployed),
             "params_train": count_params(self.method),
             "macs_deployed": count_macs(deployed, shape),
-            "macs_train": self.method.training_macs(shape) if hasattr(self.method, "training_macs") else None,
+            "macs_train": self.method.training_macs(shape),
             "train_seconds": round(self.train_seconds, 2),
             "skipped_steps": self.skipped_steps,
             "version": __version__,
+            "provenance": provenance(),
         }
         branches = sorted(k for k in last_eval if k.startswith("branch") and k.endswith("_top1"))
         if branches:
             summary["branch_top1"] = [last_eval[k] for k in branches]
-        gates = [row["method_gate"] for row in map(json.loads, self._metric_lines()) if "method_gate" in row]
+        gates = [row["method_gate"] for row in self.rundir.metric_rows() if "method_gate" in row]
         if gates:
             summary["gate_max"] = max(gates)
-            if max(gates) == 0.0:
-                print(f"note: the {cfg['method']['name']} gate never opened (training top-1 stayed below "
-                      f"method.gate_floor={cfg['method'].get('gate_floor')}), so the backbone trained as with "
-                      "plain cross-entropy; method=ce gives the same model at a fraction of the cost", flush=True)
+        if self.dist.is_main:
+            # Notes are for the user, on stderr: stdout carries only the summary JSON.
+            for note in self.method.summary_notes(summary):
+                print(f"note: {note}", file=sys.stderr, flush=True)
         return summary
 
 
@@ -661,11 +454,3 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _tensorboard(path: Path, purge_step: Optional[int] = None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is an optional extra
-        return None
-    return SummaryWriter(str(path), purge_step=purge_step)

@@ -14,7 +14,7 @@ trainer builds it in one place, ``MethodContext.from_bundle``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -160,6 +160,11 @@ class Method(nn.Module):
         scores such as ``{'branch1': logits}``). Methods with extra heads override this
         to get both from one backbone pass."""
         return self(x), self.eval_outputs(x)
+
+    def summary_notes(self, summary: Dict) -> List[str]:
+        """One-line notes for the user about the finished run (``summary`` is the run's
+        summary.json content); the trainer prints each on stderr as ``note: ...``."""
+        return []
 
     def deploy(self) -> StagedBackbone:
         """The model to ship: exactly the backbone, no auxiliary parts."""

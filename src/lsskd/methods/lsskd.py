@@ -195,6 +195,18 @@ class LSSKD(Method):
             g *= min(1.0, max(0.0, (f - float(self.val_acc) - c["gap_floor"]) / c["gap_width"]))
         return g
 
+    def summary_notes(self, summary: Dict) -> List[str]:
+        """A gate that never opened (``gate_max`` 0) made the run plain cross-entropy."""
+        if summary.get("gate_max") != 0.0:
+            return []
+        c = self.cfg
+        why = f"training top-1 stayed below method.gate_floor={c['gate_floor']}"
+        if self.gate_mode == "gap":
+            why += (f", or the train-minus-held-out gap below method.gap_floor={c['gap_floor']}")
+        return [f"the {summary.get('method', 'lsskd')} gate never opened ({why}), so the backbone "
+                "trained as with plain cross-entropy; method=ce gives the same model at a fraction "
+                "of the cost"]
+
     def aux_scale(self) -> float:
         r = self.cfg["aux_rampup_epochs"]
         return 1.0 if r <= 0 else min(1.0, self.epoch / r)

@@ -1,0 +1,49 @@
+"""Every error a user can cause, in one place.
+
+Each is raised with a one-line message that names the file, key or value at fault.
+:data:`USER_ERRORS` are the ones the command line prints as ``lsskd CMD: error: ...``
+(exit status 2) and a sweep reports without a traceback; anything else is a bug and
+keeps its traceback. (The modules that raise them re-export them, so
+``from lsskd.config import ConfigError`` keeps working.)
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file, folder or value."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or unsafe; the message names it."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory would be overwritten, or cannot be resumed."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names epoch, step and term."""
+
+
+class ResourceError(MemoryError):
+    """Out of (GPU or host) memory; the message says where and what to lower.
+    A ``MemoryError`` so callers that catch that still see it."""
+
+
+class CLIError(Exception):
+    """A user-facing error of a command's arguments."""
+
+
+USER_ERRORS = (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
+
+
+def oom_errors() -> tuple:
+    """The exception types of running out of memory: torch's OutOfMemoryError (where this
+    torch has it) and MemoryError (which :class:`ResourceError` is)."""
+    import torch
+
+    return (torch.OutOfMemoryError, MemoryError) if hasattr(torch, "OutOfMemoryError") else (MemoryError,)
