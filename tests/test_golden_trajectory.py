@@ -43,6 +43,7 @@ CASES = {
     "sad_ce": ("sad_ce", []),
     "lsskd": ("lsskd", []),
     "lsskd_robust": ("lsskd_robust", []),
+    "lsskd_selfsup": ("lsskd_selfsup", []),
     # The options the restructuring touches: next-branch KL, 2 of 4 views per step,
     # averaged auxiliary terms, per-sample confidence, the sparse store.
     "lsskd_options": ("lsskd", ["method.kl_mode=next", "method.views_per_step=2",

@@ -303,6 +303,14 @@ def test_bn_views_split_keeps_running_stats_of_the_identity_view():
     assert not torch.allclose(z_shared, z, atol=1e-3)
 
 
+def test_selfsup_profile_is_sad_ce_behind_the_gate_with_split_bn_and_two_views():
+    sad, selfsup = make("sad_ce"), make("lsskd_selfsup")
+    diff = {k for k in sad.cfg if sad.cfg[k] != selfsup.cfg[k]}
+    assert diff == {"gate", "bn_views", "views_per_step"}
+    assert (selfsup.cfg["gate"], selfsup.cfg["bn_views"], selfsup.cfg["views_per_step"]) == ("auto", "split", 2)
+    assert not selfsup.uses_store and selfsup.views_per_step == 2 and len(selfsup.aux) == 3
+
+
 def test_robust_profile_is_the_paper_method_plus_gate_split_bn_and_normalised_aux():
     paper, robust = make("lsskd"), make("lsskd_robust")
     diff = {k for k in paper.cfg if paper.cfg[k] != robust.cfg[k]}

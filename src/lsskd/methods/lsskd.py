@@ -404,3 +404,18 @@ LSSKDRobust = register_method("lsskd_robust")(_variant(
     averaged over branches). Every other value is the paper's; the ``lsskd`` method keeps
     the paper profile for reproduction.""",
     gate="auto", bn_views="split", normalize_aux=True))
+
+LSSKDSelfSup = register_method("lsskd_selfsup")(_variant(
+    "LSSKDSelfSup",
+    """The recommended profile (issue 18, docs/robust.md): LSSKD's layered self-supervised
+    branches (joint class x view labels after every stage, hard targets, summed over
+    branches: HSAKD's SAD-CE) behind the robust profile's safeguards, and nothing else:
+    ``gate=auto`` (the backbone trains exactly as with CE until it fits ``gate_floor`` of
+    its training data, and, given a held-out split, while it generalises as well as it
+    fits), ``bn_views=split`` (running batch-norm statistics from upright inputs) and
+    ``views_per_step=2`` (the identity view plus one other per step: half SAD-CE's cost).
+    No progressive softening, no deep-to-shallow KL, no feature term: on the held-out
+    splits of the over-fitting cells each of those was level with or behind this profile
+    (results/overfit-suite). Where a model under-fits, its gate stays shut and it trains
+    CE's backbone; where it over-fits, the branches' self-supervised task regularises it.""",
+    alpha_T=0.0, kl_weight=0.0, gamma=0.0, gate="auto", bn_views="split", views_per_step=2))
