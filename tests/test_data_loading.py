@@ -173,6 +173,30 @@ def test_progress_bar_and_cache_line_on_stderr(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_train_progress_false_silences_data_decoding(tmp_path, capsys, monkeypatch):
+    """train.progress reaches the data loaders (issue 20.2): with it off, decoding shows no
+    bar and no cache line; with it on, both show. The saved config is unchanged (no data
+    key is added) and the decoded data is the same either way."""
+    from lsskd.config import build_config
+    from lsskd.engine.trainer import Trainer
+
+    monkeypatch.setattr(folder_mod, "_stderr_is_terminal", lambda: True)  # as at a terminal
+    root = make_folder(tmp_path / "f")
+    common = ["data.name=folder", f"data.root={root}", "model.name=resnet8", "train.device=cpu",
+              "train.tensorboard=false", "train.batch_size=4"]
+    seen = {}
+    for on in (False, True):
+        cfg = build_config(None, common + [f"out_dir={tmp_path / f'run{on}'}", f"train.progress={str(on).lower()}",
+                                           f"data.cache_dir={tmp_path / f'cache{on}'}"])
+        capsys.readouterr()
+        tr = Trainer(cfg)
+        err = capsys.readouterr().err
+        assert ("decoding " in err, err.count("cache written to")) == ((True, 2) if on else (False, 0)), err
+        assert "progress" not in cfg["data"]
+        seen[on] = (tr.bundle.train.x, tr.bundle.test.x)
+    assert all(torch.equal(a, b) for a, b in zip(seen[False], seen[True]))
+
+
 def test_greyscale_and_palette_images_become_three_equal_channels(tmp_path):
     """docs/data.md: a 1-channel (L) image in a class folder is copied to R, G and B."""
     from PIL import Image

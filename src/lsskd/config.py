@@ -64,7 +64,7 @@ DEFAULTS: Dict[str, Any] = {
         "channels_last": False,  # channels-last memory format (faster convolutions on some GPUs)
         "compile": False,  # torch.compile the backbone and branches
         "threads": 0,  # torch intra-op threads on CPU (0 = torch default)
-        "progress": True,  # a progress bar per epoch on stderr
+        "progress": True,  # progress on stderr: a bar per epoch, and while image files are decoded
         "tensorboard": True,  # TensorBoard events in <out_dir>/tb (if tensorboard is installed)
         "ckpt_every_steps": 0,  # extra mid-epoch checkpoints (0 = epoch ends only)
         "nonfinite": "stop",  # stop | skip: what a non-finite loss/gradient does

@@ -4,7 +4,7 @@ Concerns live in their own modules: the run directory's files in
 :mod:`lsskd.engine.rundir`, what a checkpoint holds in :mod:`lsskd.engine.state`,
 config validation in :func:`lsskd.config.check_config`. Here: setup (device, AMP, DDP,
 compile), and the epoch loop as train (:meth:`Trainer._train_epoch`), evaluate
-(:meth:`Trainer._evaluate_epoch`) and log (:meth:`Trainer._log_epoch`). At about 450
+(:meth:`Trainer._evaluate_epoch`) and log (:meth:`Trainer._log_epoch`). At about 460
 lines it is over the house's 400: the optimiser step with its non-finite handling and
 the summary are the remaining bulk, and each reads the trainer's whole state.
 """
@@ -34,6 +34,14 @@ from .metrics import evaluate, recalibrate_bn, topk_correct  # noqa: F401 - re-e
 from .profile import count_macs, count_params
 from .rundir import RunDir, RunDirError, provenance  # noqa: F401 - RunDirError: re-exported
 from .state import capture as capture_state, restore as restore_state
+
+
+def build_run_data(cfg: Dict, main: bool = True) -> DataBundle:
+    """The run's data: :func:`lsskd.data.build_data` on ``cfg["data"]``, with decoding's
+    progress bar and cache lines following ``train.progress`` (and shown on the first rank
+    only, ``main``). The flag goes into a copy of the data section; it is no config key of
+    its own, and ``cfg`` (saved as config.yaml) is left unchanged."""
+    return build_data({**cfg["data"], "progress": bool(cfg["train"]["progress"]) and main})
 
 
 def resolve_device(pref: str, dist_info: DistInfo) -> torch.device:
@@ -122,7 +130,7 @@ class Trainer:
         if self.tcfg["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg["seed"])
-        self.bundle = bundle or build_data(cfg["data"])
+        self.bundle = bundle or build_run_data(cfg, self.dist.is_main)
         torch.manual_seed(cfg["seed"])  # model init independent of data loading
         try:
             self.method = build_method(cfg, self.bundle).to(self.device)

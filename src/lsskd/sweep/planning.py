@@ -1,46 +1,20 @@
-"""Sweeps: many runs (configs x grid x seeds), resumable and skippable; the library
-behind ``lsskd sweep`` and ``lsskd tune`` (the commands themselves are thin, in
-``lsskd/commands/``).
-
-Each run goes to ``<out_root>/<config-stem>[-<grid tag>]/seed<k>``. A run whose
-directory holds ``summary.json`` is finished and skipped; one with ``last.pt`` but
-no ``summary.json`` was interrupted and is resumed from its checkpoint; one with
-neither is trained from scratch. Runs execute one after another in this process
-(the same code path as ``lsskd train``), or as ``--jobs N`` parallel
-``python -m lsskd train`` subprocesses. A failing run is reported and the sweep
-goes on; the exit status is 1 when any run failed.
-
-Plan file (``--plan FILE``, all keys optional except ``configs``)::
-
-    configs: [configs/cpu/c100_resnet8_ce.yaml, configs/cpu/c100_resnet8_lsskd.yaml]
-    seeds: [0, 1, 2]
-    overrides: [train.epochs=15]        # or a mapping {train.epochs: 15}
-    grid: {data.train_fraction: [0.25, 0.5, 0.75]}
-    out_root: results/table3_cpu
-    only: ["*lsskd*"]
-
-Command-line values replace the plan's ``configs``/``seeds``/``out_root``/``only``;
-command-line overrides and ``--grid`` entries are added to the plan's.
-"""
+"""Planning a sweep: plan files, the grid, the list of runs (:class:`RunSpec`) and what
+each needs (:func:`plan_actions`: skip a finished run, resume an interrupted one, train
+a new one; a finished or resumed run whose saved config differs from the plan is noted).
+Nothing here trains; :mod:`lsskd.sweep.execution` runs the plan."""
 from __future__ import annotations
 
 import fnmatch
 import glob
 import itertools
 import json
-import os
-import subprocess
-import sys
-import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .config import ConfigError, build_config, flatten, is_execution_key, merge, parse_override, run_config
-from .errors import USER_ERRORS
+from ..config import ConfigError, build_config, flatten, is_execution_key, merge, parse_override
 
 PLAN_KEYS = {"configs", "seeds", "overrides", "grid", "out_root", "only"}
 # Keys the sweep sets itself for every run.
@@ -49,7 +23,6 @@ RESERVED = {"seed", "out_dir"}
 # plan and a run's config.yaml is not reported.
 
 
-# --- planning -------------------------------------------------------------------------
 @dataclass
 class RunSpec:
     name: str  # "<group>/seed<k>"
@@ -72,6 +45,13 @@ class RunSpec:
         if any((d / f).exists() for f in ("config.yaml", "metrics.jsonl")):
             return "restart"
         return "new"
+
+    def finished_top1(self) -> Optional[float]:
+        """The last-epoch top-1 in this run's ``summary.json``; None if unreadable or absent."""
+        try:
+            return json.loads((self.out_dir / "summary.json").read_text()).get("test_top1")
+        except (OSError, ValueError):
+            return None
 
 
 @dataclass
@@ -267,7 +247,7 @@ def plan_actions(specs: Sequence[RunSpec]) -> List[RunResult]:
         action = {"done": "skip", "resume": "resume", "restart": "train", "new": "train"}[st]
         res = RunResult(spec, action)
         if st == "done":
-            res.status, res.top1 = "skipped", _read_top1(spec)
+            res.status, res.top1 = "skipped", spec.finished_top1()
         drift = config_drift(spec) if st in ("done", "resume") else []
         if drift:
             shown = ", ".join(drift[:4]) + (" ..." if len(drift) > 4 else "")
@@ -276,207 +256,3 @@ def plan_actions(specs: Sequence[RunSpec]) -> List[RunResult]:
             res.note = "no checkpoint yet: restarted from scratch"
         results.append(res)
     return results
-
-
-# --- execution ------------------------------------------------------------------------
-def data_key(cfg: Dict) -> str:
-    """Cache key of a run's decoded dataset (see :func:`run_in_process`)."""
-    return json.dumps(cfg["data"], sort_keys=True, default=str)
-
-
-def _clear_partial(spec: RunSpec) -> None:
-    # A run that died before its first checkpoint has no progress worth keeping.
-    for f in ("config.yaml", "metrics.jsonl"):
-        p = spec.out_dir / f
-        if p.is_file():
-            p.unlink()
-
-
-def _read_top1(spec: RunSpec) -> Optional[float]:
-    try:
-        return json.loads((spec.out_dir / "summary.json").read_text()).get("test_top1")
-    except (OSError, ValueError):
-        return None
-
-
-def _short_error(e: BaseException) -> str:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    msg = " ".join(str(msg).split())
-    return f"{type(e).__name__}: {msg}"[:300]
-
-
-class torch_globals_restored:
-    """Process-wide torch settings a run may change (threads, deterministic algorithms,
-    matmul precision, cuDNN flags, the global RNG), restored on exit so that one in-process
-    sweep run does not leak its settings into the next."""
-
-    def __enter__(self):
-        import torch
-
-        self.saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-                      torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_float32_matmul_precision(),
-                      torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_rng_state())
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        threads, det, warn_only, precision, bench, cudnn_det, rng = self.saved
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, cudnn_det
-        torch.set_rng_state(rng)
-        return False
-
-
-def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
-    """Train/resume one run with the same code as ``lsskd train``.
-
-    ``bundles`` caches decoded datasets by their ``data`` config so consecutive
-    runs of the same data (the seeds of one config) decode it once; data loading
-    does not depend on the run's seed, so this changes no result."""
-    from .engine.trainer import Trainer
-
-    spec = res.spec
-    if res.action == "resume":
-        cfg = run_config(spec.out_dir)
-    else:
-        _clear_partial(spec)
-        cfg = build_config(spec.config, spec.train_overrides())
-    key = data_key(cfg)
-    bundle = bundles.get(key)
-    if bundle is None:
-        from .data import build_data
-
-        bundle = build_data(cfg["data"])
-        bundles.clear()  # keep one dataset in memory at a time
-        bundles[key] = bundle
-    with torch_globals_restored():
-        trainer = Trainer(cfg, resume=res.action == "resume", bundle=bundle)
-        try:
-            summary = trainer.fit()
-        finally:
-            if trainer.writer is not None:
-                trainer.writer.close()
-    res.top1 = summary.get("test_top1")
-
-
-def train_command(res: RunResult) -> List[str]:
-    """The ``python -m lsskd train ...`` command line that trains (or resumes) one run."""
-    spec = res.spec
-    if res.action == "resume":
-        return [sys.executable, "-m", "lsskd", "train", "--resume", str(spec.out_dir)]
-    return [sys.executable, "-m", "lsskd", "train", "--config", spec.config, *spec.train_overrides()]
-
-
-def _last_error_line(log: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    for ln in reversed(lines):
-        if "error" in ln.lower() or ln.startswith(("Traceback", "RuntimeError", "ValueError")):
-            return ln[:300]
-    return lines[-1][:300] if lines else ""
-
-
-def run_sweep(specs: Sequence[RunSpec], jobs: int = 1, dry_run: bool = False,
-              bundles: Optional[Dict[str, Any]] = None, log=print) -> List[RunResult]:
-    """Plan and execute a sweep; returns one :class:`RunResult` per run (failed ones included)."""
-    results = plan_actions(specs)
-    if not dry_run:
-        execute(results, jobs, bundles, log)
-    return results
-
-
-def execute(results: Sequence[RunResult], jobs: int = 1, bundles: Optional[Dict[str, Any]] = None,
-            log=print) -> None:
-    """Run the planned results in place. On Ctrl-C the current run(s) are marked
-    failed, the rest stay ``planned``, and KeyboardInterrupt propagates."""
-    todo = [r for r in results if r.action != "skip"]
-    if jobs > 1:
-        _run_parallel(todo, jobs, log)
-        return
-    bundles = {} if bundles is None else bundles
-    for i, r in enumerate(todo, 1):
-        log(f"[sweep {i}/{len(todo)}] {r.action} {r.spec.name} -> {r.spec.out_dir}")
-        t0 = time.time()
-        try:
-            run_in_process(r, bundles)
-            r.status = "ok"
-        except KeyboardInterrupt:
-            r.status, r.note = "failed", "interrupted (Ctrl-C); rerun the sweep to resume"
-            r.seconds = time.time() - t0
-            raise
-        except Exception as e:  # one bad run must not stop the sweep
-            r.status, r.note = "failed", _short_error(e)
-            log(f"[sweep] {r.spec.name} failed: {r.note}")
-            if not isinstance(e, USER_ERRORS):
-                traceback.print_exc()
-        r.seconds = time.time() - t0
-
-
-def _run_parallel(todo: List[RunResult], jobs: int, log) -> None:
-    env = dict(os.environ)
-    # N concurrent torch processes each using every core would oversubscribe the CPU.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    env["PYTHONUNBUFFERED"] = "1"
-    pending = list(todo)
-    running: List[tuple[RunResult, subprocess.Popen, float, Any]] = []
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                r = pending.pop(0)
-                if r.action == "train":
-                    _clear_partial(r.spec)
-                r.spec.out_dir.mkdir(parents=True, exist_ok=True)
-                logf = open(r.spec.out_dir / "sweep.log", "a")
-                cmd = train_command(r)
-                logf.write(f"$ {' '.join(cmd)}\n")
-                logf.flush()
-                log(f"[sweep] start {r.action} {r.spec.name} (log: {r.spec.out_dir / 'sweep.log'})")
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-                running.append((r, proc, time.time(), logf))
-            time.sleep(0.2)
-            still = []
-            for r, proc, t0, logf in running:
-                rc = proc.poll()
-                if rc is None:
-                    still.append((r, proc, t0, logf))
-                    continue
-                logf.close()
-                r.seconds = time.time() - t0
-                if rc == 0 and (r.spec.out_dir / "summary.json").is_file():
-                    r.status, r.top1 = "ok", _read_top1(r.spec)
-                else:
-                    r.status = "failed"
-                    r.note = f"exit {rc}: {_last_error_line(r.spec.out_dir / 'sweep.log')}"
-                log(f"[sweep] {r.status} {r.spec.name}" + (f": {r.note}" if r.status == "failed" else ""))
-            running = still
-    except KeyboardInterrupt:
-        for r, proc, t0, logf in running:
-            proc.terminate()
-        for r, proc, t0, logf in running:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            logf.close()
-            r.status, r.note = "failed", "interrupted (Ctrl-C); rerun the sweep to resume"
-        raise
-
-
-def format_table(results: Sequence[RunResult]) -> str:
-    rows = [("run", "action", "status", "top1(last)", "time", "note")]
-    for r in results:
-        rows.append((r.spec.name, r.action, r.status,
-                     "" if r.top1 is None else f"{r.top1:.2f}",
-                     "" if r.seconds is None else f"{r.seconds:.0f}s", r.note))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = []
-    for n, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths) + "  ----")
-    return "\n".join(ln.rstrip() for ln in lines)
