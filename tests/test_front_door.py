@@ -319,7 +319,7 @@ def test_first_comparison_doc_runs_end_to_end(cifar_root, tmp_path, capsys, monk
     from pathlib import Path
 
     tune_cmd, final_cmd = _doc_commands()
-    assert tune_cmd[:2] == ["lsskd", "tune"] and "method.name=[ce,lsskd_robust]" in tune_cmd
+    assert tune_cmd[:2] == ["lsskd", "tune"] and "method.name=[ce,lsskd_selfsup]" in tune_cmd
     assert final_cmd[:2] == ["lsskd", "train"]
     # a small folder of real images, laid out as the doc says
     images = tmp_path / "MY_IMAGES"
