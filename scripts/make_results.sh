@@ -63,3 +63,17 @@ for f in tune.json chosen.yaml; do
   if [ -f runs/tune-overfit/$f ]; then cp runs/tune-overfit/$f results/tune-overfit/; fi
 done
 if [ -d results/tune-overfit ]; then lsskd report results/tune-overfit --out results/tune-overfit; fi
+# issue 18: the over-fitting suite (plans write straight into results/overfit-suite/<tree>;
+# checkpoints and TensorBoard events stay out of git via .gitignore), and the recommended
+# profile's checks where the model fits and generalises
+for d in heldout-a heldout-hapt hapt test-a test-b test-c heldout-b; do
+  if [ -d results/overfit-suite/$d ]; then
+    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to ce 2>/dev/null \
+      || lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to none
+  fi
+done
+if [ -d results/overfit-suite/walk-hapt ]; then
+  lsskd report results/overfit-suite/walk-hapt results/overfit-suite/heldout-hapt/sad_ce \
+      --out results/overfit-suite/walk-hapt --compare-to none
+fi
+if [ -d results/selfsup-checks ]; then lsskd report results/selfsup-checks --out results/selfsup-checks; fi

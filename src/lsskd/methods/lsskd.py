@@ -1,5 +1,7 @@
 """LSSKD: Layered Self-Supervised Knowledge Distillation (arXiv 2506.07055),
-with PS-KD and HSAKD's SAD-CE as switch settings of the same class.
+with PS-KD, HSAKD's SAD-CE and the robust and recommended (``lsskd_selfsup``) profiles as
+switch settings of the same class. About 420 lines: one class, its options and the five
+named profiles, kept together so every profile reads as a diff of the same defaults.
 
 Equation numbers follow ``METHOD.md``. For a batch of B samples and M views
 (rotations), the backbone runs once on all M*B views; the final head's logits z
