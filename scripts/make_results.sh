@@ -72,8 +72,11 @@ for d in heldout-a heldout-hapt hapt test-a test-b test-c heldout-b; do
       || lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to none
   fi
 done
+# the walk holds its own SAD-CE baseline (walk-hapt/none, equal to heldout-hapt/sad_ce run by run)
 if [ -d results/overfit-suite/walk-hapt ]; then
-  lsskd report results/overfit-suite/walk-hapt results/overfit-suite/heldout-hapt/sad_ce \
-      --out results/overfit-suite/walk-hapt --compare-to none
+  lsskd report results/overfit-suite/walk-hapt --out results/overfit-suite/walk-hapt --compare-to none
+fi
+if [ -d results/overfit-suite/test-a ]; then
+  lsskd report results/overfit-suite/test-a results/overfit-suite/test-b --out results/overfit-suite/test --compare-to none
 fi
 if [ -d results/selfsup-checks ]; then lsskd report results/selfsup-checks --out results/selfsup-checks; fi
