@@ -197,6 +197,33 @@ def test_train_progress_false_silences_data_decoding(tmp_path, capsys, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(seen[False], seen[True]))
 
 
+def test_eval_and_deploy_follow_the_runs_train_progress(tmp_path, capsys, monkeypatch):
+    """lsskd eval and the deploy commands build the run's data as training did: a run made
+    with train.progress=false decodes silently there too (no bar, no cache line), and with
+    the flag overridden on, both show."""
+    from lsskd.config import build_config
+    from lsskd.deploy import read_run
+    from lsskd.engine.evaluation import evaluate_checkpoint
+    from lsskd.engine.trainer import Trainer
+
+    monkeypatch.setattr(folder_mod, "_stderr_is_terminal", lambda: True)
+    root = make_folder(tmp_path / "f")
+    cfg = build_config(None, ["data.name=folder", f"data.root={root}", "model.name=resnet8", "train.device=cpu",
+                              "train.tensorboard=false", "train.batch_size=8", "train.epochs=1",
+                              "train.progress=false", f"data.cache_dir={tmp_path / 'cache'}",
+                              f"out_dir={tmp_path / 'run'}"])
+    Trainer(cfg).fit()
+    capsys.readouterr()
+    ckpt = tmp_path / "run" / "last.pt"
+    evaluate_checkpoint(ckpt)
+    read_run(ckpt).bundle()
+    err = capsys.readouterr().err
+    assert "decoding " not in err and "cache" not in err, err
+    evaluate_checkpoint(ckpt, overrides=["train.progress=true", f"data.cache_dir={tmp_path / 'cache2'}"])
+    err = capsys.readouterr().err
+    assert "decoding " in err and err.count("cache written to") == 2, err
+
+
 def test_greyscale_and_palette_images_become_three_equal_channels(tmp_path):
     """docs/data.md: a 1-channel (L) image in a class folder is copied to R, G and B."""
     from PIL import Image

@@ -382,3 +382,22 @@ def test_grayscale_images_in_a_class_folder_become_three_equal_channels(tmp_path
     Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
     rgb = decode_image(tmp_path / "g.png")
     assert rgb.shape == (8, 8, 3) and all(np.array_equal(rgb[..., c], gray) for c in range(3))
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`lsskd sweep --dry-run | head`: when the reader stops early, lsskd exits with the
+    shell's SIGPIPE status (141) and no traceback on stderr."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    seeds = [str(k) for k in range(3000)]  # a listing far larger than a pipe's buffer
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    p = subprocess.Popen([sys.executable, "-m", "lsskd", "sweep", "--configs", quickstart,
+                          "--out-root", str(tmp_path), "--dry-run", "--seeds", *seeds],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().split()[:2] == [b"run", b"action"]
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err

@@ -208,6 +208,13 @@ def test_hapt_group_split_holds_out_whole_subjects(hapt_bundle, hapt_raw):
     assert len(set(sub.val.groups.tolist())) == 10 and sub.classes == ["walking", "laying"]
 
 
+def test_train_subjects_is_refused_by_a_dataset_without_subjects():
+    """data.train_subjects on an image dataset names the key and the dataset instead of
+    training on all the data unannounced."""
+    with pytest.raises(DataError, match=r"data.train_subjects=\[1, 3\]: dataset 'digits' has no subjects"):
+        build_data(dict(copy.deepcopy(DEFAULTS["data"]), name="digits", train_subjects=[1, 3]))
+
+
 def test_group_split_errors():
     from lsskd.data.base import group_split
 

@@ -45,6 +45,13 @@ def main(argv=None) -> int:
             print(f"lsskd {args.command}: error: out of memory ({e}). Lower train.batch_size, "
                   "or set method.store_dtype=float16 (half-size soft-target store)", file=sys.stderr)
         return 3
+    except BrokenPipeError:
+        # The reader went away (`lsskd sweep --dry-run | head`): stop quietly, as shell
+        # tools do, and keep Python's exit-time flush from raising again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class DataBundle:
     # True when the factory already applied data.classes and data.train_fraction /
     # data.per_class (to its file list, before decoding), so build_data must not again.
     subset_applied: bool = False
+    # True when the factory kept only data.train_subjects; build_data refuses the key for
+    # datasets that do not, rather than train on every subject unannounced.
+    subjects_applied: bool = False
 
     @property
     def classes(self) -> List[str]:

@@ -39,6 +39,16 @@ def folder_dataset(cfg: Dict) -> DataBundle:
     return DataBundle(train, test, subset_applied=True)
 
 
+def build_run_data(cfg: Dict, main: bool = True) -> DataBundle:
+    """A run's data from its whole config: :func:`build_data` on ``cfg["data"]``, with
+    decoding's progress bar and cache lines following ``train.progress`` (and shown on the
+    first rank only, ``main``). Training, ``lsskd eval`` and the deploy commands all build
+    data this way. The flag goes into a copy of the data section; it is no config key of its
+    own, and ``cfg`` (saved as config.yaml) is left unchanged."""
+    progress = bool(cfg.get("train", {}).get("progress", True)) and main
+    return build_data({**cfg["data"], "progress": progress})
+
+
 def build_data(cfg: Dict) -> DataBundle:
     """Build the dataset named by ``data.name`` and apply, in order: the class subset
     (``data.classes``, train and test alike), the stratified training fraction /
@@ -46,6 +56,9 @@ def build_data(cfg: Dict) -> DataBundle:
     ``data.val_split=group``), and normalisation statistics
     (the dataset's own unless given)."""
     bundle: DataBundle = DATASETS.build(cfg["name"], cfg)
+    if cfg.get("train_subjects") and not bundle.subjects_applied:
+        raise DataError(f"data.train_subjects={cfg['train_subjects']!r}: dataset '{cfg['name']}' has no "
+                        f"subjects to select (the sensor datasets hapt and uci_har do); remove the key")
     # Image-file datasets apply the first two steps to their file lists before decoding
     # (bundle.subset_applied); for the others they are applied to the decoded tensors here.
     if cfg.get("classes", []) != [] and not bundle.subset_applied:

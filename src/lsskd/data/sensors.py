@@ -85,7 +85,8 @@ def _bundle(x: np.ndarray, y: np.ndarray, subject: np.ndarray, classes: List[str
     info = dict(info, channels=list(channels),
                 train_subjects=sorted(set(subject[tr].tolist())),
                 test_subjects=sorted(set(subject[te].tolist())))
-    return DataBundle(train, test, mean=mean, std=std, modality="signal", info=info)
+    return DataBundle(train, test, mean=mean, std=std, modality="signal", info=info,
+                      subjects_applied=bool(len(train_subjects)))
 
 
 def _activities(cfg: Dict) -> str:

@@ -29,10 +29,10 @@ class TrainedRun:
     def bundle(self, hint: str = "") -> DataBundle:
         """The run's data (built once); ``hint`` is added to a data error's message."""
         if self._bundle is None:
-            from ..data import build_data
+            from ..data import build_run_data
 
             try:
-                self._bundle = build_data(self.config["data"])
+                self._bundle = build_run_data(self.config)
             except DataError as e:
                 if not hint:
                     raise

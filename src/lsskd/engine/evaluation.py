@@ -6,7 +6,7 @@ from typing import Dict, List
 import torch
 
 from ..config import build_config, merge
-from ..data import BatchAugment, build_data
+from ..data import BatchAugment, build_run_data
 from ..plugins import import_plugins
 from .checkpoint import load_checkpoint
 from .distributed import DistInfo
@@ -42,7 +42,7 @@ def load_trained(path, overrides: List[str] | None = None, weights_only: bool = 
 def evaluate_checkpoint(path, split="test", device="auto", overrides=None, weights_only=True) -> Dict:
     cfg, st = load_trained(path, overrides, weights_only)
     dev = resolve_device(device, DistInfo())
-    bundle = build_data(cfg["data"])
+    bundle = build_run_data(cfg)
     method = build_method(cfg, bundle)
     method.load_state_dict(st["method"])
     method.to(dev)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..config import ConfigError, check_config
-from ..data import BatchAugment, BatchIterator, DataBundle, build_data
+from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data  # noqa: F401 (build_run_data: re-exported)
 from ..errors import NonFiniteError, ResourceError, oom_errors  # noqa: F401 - re-exported
 from ..models import build_model
 from ..methods.base import MethodContext
@@ -34,14 +34,6 @@ from .metrics import evaluate, recalibrate_bn, topk_correct  # noqa: F401 - re-e
 from .profile import count_macs, count_params
 from .rundir import RunDir, RunDirError, provenance  # noqa: F401 - RunDirError: re-exported
 from .state import capture as capture_state, restore as restore_state
-
-
-def build_run_data(cfg: Dict, main: bool = True) -> DataBundle:
-    """The run's data: :func:`lsskd.data.build_data` on ``cfg["data"]``, with decoding's
-    progress bar and cache lines following ``train.progress`` (and shown on the first rank
-    only, ``main``). The flag goes into a copy of the data section; it is no config key of
-    its own, and ``cfg`` (saved as config.yaml) is left unchanged."""
-    return build_data({**cfg["data"], "progress": bool(cfg["train"]["progress"]) and main})
 
 
 def resolve_device(pref: str, dist_info: DistInfo) -> torch.device:

@@ -78,7 +78,7 @@ def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
     key = data_key(cfg)
     bundle = bundles.get(key)
     if bundle is None:
-        from ..engine.trainer import build_run_data
+        from ..data import build_run_data
 
         bundle = build_run_data(cfg)  # quiet with train.progress=false, as in lsskd train
         bundles.clear()  # keep one dataset in memory at a time
