@@ -299,7 +299,10 @@ def test_docs_config_md_lists_every_key_and_is_up_to_date():
     # every common key has a meaning written beside its default in config.py
     rows = [ln for ln in doc.split("## Method keys")[0].splitlines() if ln.startswith("| `")]
     assert len(rows) == len(flatten(DEFAULTS))
-    assert all(ln.rstrip(" |").split("|")[-1].strip() for ln in rows)
+    # key | type | default | allowed | meaning (a "|" inside a cell is escaped as "\\|")
+    cells = [ln.rstrip().removesuffix("|").split(" | ") for ln in rows]
+    assert all(len(c) == 5 for c in cells), [c for c in cells if len(c) != 5]
+    assert [c[0] for c in cells if not c[4].strip()] == []
 
 
 # --- 20.9: the documented first comparison actually runs ----------------------------------

@@ -73,9 +73,9 @@ DEFAULTS: Dict[str, Any] = {
         "deterministic": False,  # torch deterministic algorithms (warn where none exists)
         "bn_recalibrate": False,  # re-estimate BN stats on upright train images before eval
         "sync_bn": False,  # DDP on CUDA: synchronised batch norm across ranks
-        # false: the short last batch trains too, so every sample's stored prediction is
-        # rewritten every epoch (docs/method.md); true keeps earlier results bit-identical.
-        "drop_last": True,
+        "drop_last": True,  # drop the short last batch of each epoch (true keeps earlier results
+        # bit-identical); false: it trains too, and every sample's stored prediction is
+        # rewritten every epoch (docs/method.md)
     },
     "optim": {
         "name": "sgd",  # the optimiser (SGD only)
