@@ -98,6 +98,10 @@ def test_report_means_stds_deltas_and_labels(fake_runs, tmp_path):
     # its standard error: sqrt(7/3 + 4/3); none for single-seed groups
     assert float(ls["delta_top1_se"]) == pytest.approx(math.sqrt(11 / 3), abs=1e-6)
     assert row_for(rows, "lsskd", 0.25)["delta_top1_se"] == "" and ce["delta_top1_se"] == ""
+    # paired over seeds 0-2: differences 3, 2, 4 -> mean 3, sd 1, SE 1/sqrt(3)
+    assert float(ls["paired_delta_top1"]) == 3.0 and ls["paired_n"] == "3"
+    assert float(ls["paired_delta_se"]) == pytest.approx(1 / math.sqrt(3), abs=1e-6)
+    assert ce["paired_delta_top1"] == "" and row_for(rows, "lsskd", 0.25)["paired_n"] == ""
     assert float(row_for(rows, "lsskd", 0.25)["delta_top1_vs_baseline"]) == 5.5
     assert float(row_for(rows, "lsskd", 0.5)["delta_top1_vs_baseline"]) == 4.25
     # single seed: no std
@@ -116,11 +120,12 @@ def test_report_means_stds_deltas_and_labels(fake_runs, tmp_path):
     assert "Δ top-1 vs ce" in header
     ce_line = next(ln for ln in md.splitlines() if ln.startswith("| ce (train_fraction=1)"))
     cells = [c.strip() for c in ce_line.strip("|").split("|")]
-    assert cells[1:4] == ["3", "72.00 ± 2.00", "–"]
-    assert cells[5].startswith("73.00 ± 2.00")
+    assert cells[1:5] == ["3", "72.00 ± 2.00", "–", "–"]
+    assert cells[6].startswith("73.00 ± 2.00")
     assert "| lsskd (train_fraction=1) | 41.00 ± 1.00 | 55.00 ± 0.00 | 62.00 ± 2.00 | 75.00 ± 2.65 |" in md
-    assert "| lsskd (train_fraction=1) | 3 | 75.00 ± 2.65 | +3.00 ± 1.91 |" in md and "within seed noise" in md
-    assert "| lsskd (train_fraction=0.25) | 1 | 55.50 | +5.50 |" in md
+    assert "| lsskd (train_fraction=1) | 3 | 75.00 ± 2.65 | +3.00 ± 1.91 | +3.00 ± 0.58 (3) |" in md
+    assert "within seed noise" in md and "Paired Δ (seeds)" in header and "Paired Δ: the mean" in md
+    assert "| lsskd (train_fraction=0.25) | 1 | 55.50 | +5.50 | – |" in md
 
     for name in ("accuracy_per_epoch.png", "accuracy_vs_fraction.png", "branch_accuracy.png"):
         assert (out / name).read_bytes()[:8] == PNG, name

@@ -62,9 +62,12 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
     """``delta`` = group's mean last-epoch top-1 minus that of the ``baseline`` method's
     group with the same config apart from the method section (or, failing that, a
     unique one with the same model, data, training fraction and epochs). ``delta_se`` =
-    its standard error sqrt(s^2/n + s0^2/n0), when both groups have two or more seeds."""
+    its standard error sqrt(s^2/n + s0^2/n0), when both groups have two or more seeds.
+    ``paired`` = (mean, standard error, n) of the per-seed differences over the seeds both
+    groups ran, when there are two or more: runs at one seed share their initialisation
+    and data order, so the paired difference removes the seed's own share of the noise."""
     for g in groups:
-        g.stats["delta"] = g.stats["delta_se"] = None
+        g.stats["delta"] = g.stats["delta_se"] = g.stats["paired"] = None
     if not baseline:
         return
     base = [g for g in groups if method_name(g) == baseline]
@@ -77,6 +80,7 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
                 b = cands[0]
                 g.stats["delta"] = g.stats["top1"][0] - b.stats["top1"][0]
                 g.stats["delta_vs"] = b.label
+                g.stats["paired"] = paired_difference(g, b)
                 if g.stats["top1"][1] is not None and b.stats["top1"][1] is not None:
                     g.stats["delta_se"] = math.sqrt(g.stats["top1"][1] ** 2 / g.stats["n"]
                                                     + b.stats["top1"][1] ** 2 / b.stats["n"])
@@ -85,10 +89,21 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
                 break
 
 
+def paired_difference(g: Group, base: Group) -> Optional[Tuple[float, float, int]]:
+    """Mean and standard error (sd / sqrt(n)) of ``g``'s last-epoch top-1 minus ``base``'s
+    at each seed both ran; None with fewer than two such seeds."""
+    mine = {freeze(r.seed): r.summary["test_top1"] for r in g.runs}
+    theirs = {freeze(r.seed): r.summary["test_top1"] for r in base.runs}
+    diffs = [mine[k] - theirs[k] for k in mine if k in theirs]
+    if len(diffs) < 2:
+        return None
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+
+
 CSV_COLUMNS = [
     "group", "method", "model", "dataset", "settings", "eval_on", "epochs", "n_seeds", "seeds",
     "top1_last_mean", "top1_last_std", "top5_last_mean", "top5_last_std", "delta_top1_vs_baseline",
-    "delta_top1_se", "baseline", "top1_best_epoch_mean", "top1_best_epoch_std", "best_epoch_mean",
+    "delta_top1_se", "paired_delta_top1", "paired_delta_se", "paired_n", "baseline", "top1_best_epoch_mean", "top1_best_epoch_std", "best_epoch_mean",
     "params_deployed", "params_train", "macs_deployed", "train_size", "train_seconds_mean",
     "branch_top1_mean", "run_dirs",
 ]
@@ -111,6 +126,9 @@ def csv_rows(groups: Sequence[Group], baseline: Optional[str]) -> List[Dict[str,
             "top5_last_mean": _num(st["top5"][0]), "top5_last_std": _num(st["top5"][1]),
             "delta_top1_vs_baseline": _num(st.get("delta")),
             "delta_top1_se": _num(st.get("delta_se")),
+            "paired_delta_top1": _num(st["paired"][0]) if st.get("paired") else "",
+            "paired_delta_se": _num(st["paired"][1]) if st.get("paired") else "",
+            "paired_n": str(st["paired"][2]) if st.get("paired") else "",
             "baseline": st.get("delta_vs", "") if st.get("delta") is not None else "",
             "top1_best_epoch_mean": _num(st["best"][0]), "top1_best_epoch_std": _num(st["best"][1]),
             "best_epoch_mean": _num(st["best_epoch"][0]),
@@ -155,8 +173,11 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
          "optimistic and is **not the headline**.", ""]
     show_delta = baseline and any(g.stats.get("delta") is not None for g in groups)
     head = ["Group", "Seeds", f"Top-1 last epoch (headline)"]
+    show_paired = show_delta and any(g.stats.get("paired") for g in groups)
     if show_delta:
         head.append(f"Δ top-1 vs {baseline}")
+    if show_paired:
+        head.append("Paired Δ (seeds)")
     head += ["Top-5 last epoch", f"Top-1 {BEST_LABEL}", "Params (deployed)", "MACs (deployed)"]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
@@ -167,6 +188,9 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
             d = st.get("delta")
             se = st.get("delta_se")
             row.append("–" if d is None else f"{d:+.2f}" + ("" if se is None else f" ± {se:.2f}"))
+        if show_paired:
+            pd = st.get("paired")
+            row.append("–" if pd is None else f"{pd[0]:+.2f} ± {pd[1]:.2f} ({pd[2]})")
         best = _pm(st["best"])
         if st["best_epoch"][0] is not None:
             best += f" (ep {st['best_epoch'][0]:.0f})" if st["n"] == 1 else f" (mean ep {st['best_epoch'][0]:.1f})"
@@ -177,6 +201,11 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
         L += [f"Δ ± its standard error, sqrt(s²/n + s₀²/n₀) over the two groups' seeds (shown when both "
               f"have two or more). A Δ smaller than about two standard errors is within seed noise; "
               f"with two or three seeds the standard error itself is rough.", ""]
+    if show_paired:
+        L += ["Paired Δ: the mean of the per-seed differences to the baseline over the seeds both ran "
+              "(their number in brackets) ± its standard error, sd/√n. Runs at one seed start from the "
+              "same weights and see the data in the same order, so this removes the seed's own share of "
+              "the noise.", ""]
     common = _common_settings(groups)
     if common:
         L += ["Common to all groups: " + ", ".join(common) + ".", ""]
