@@ -66,7 +66,7 @@ if [ -d results/tune-overfit ]; then lsskd report results/tune-overfit --out res
 # issue 18: the over-fitting suite (plans write straight into results/overfit-suite/<tree>;
 # checkpoints and TensorBoard events stay out of git via .gitignore), and the recommended
 # profile's checks where the model fits and generalises
-for d in heldout-a heldout-hapt hapt test-a test-b test-c heldout-b; do
+for d in heldout-a heldout-hapt heldout-hapt-s2 heldout-hapt-s3 hapt test-a test-b test-c heldout-b; do
   if [ -d results/overfit-suite/$d ]; then
     lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to ce 2>/dev/null \
       || lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to none
@@ -80,3 +80,6 @@ if [ -d results/overfit-suite/test-a ]; then
   lsskd report results/overfit-suite/test-a results/overfit-suite/test-b --out results/overfit-suite/test --compare-to none
 fi
 if [ -d results/selfsup-checks ]; then lsskd report results/selfsup-checks --out results/selfsup-checks; fi
+for d in selfsup-checks-heldout selfsup-checks-underfit digits-overfit/heldout digits-overfit/test; do
+  if [ -d results/$d ]; then lsskd report results/$d --out results/$d; fi
+done
