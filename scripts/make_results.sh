@@ -77,7 +77,9 @@ if [ -d results/overfit-suite/walk-hapt ]; then
   lsskd report results/overfit-suite/walk-hapt --out results/overfit-suite/walk-hapt --compare-to none
 fi
 if [ -d results/overfit-suite/test-a ]; then
-  lsskd report results/overfit-suite/test-a results/overfit-suite/test-b --out results/overfit-suite/test --compare-to none
+  lsskd report results/overfit/c10-e120/ce results/overfit/c10-e120/sad_ce results/overfit/c10-e120/sad_ce_gated \
+      results/overfit-suite/test-a results/overfit-suite/test-b results/overfit-suite/test-c \
+      --out results/overfit-suite/test --compare-to ce
 fi
 if [ -d results/selfsup-checks ]; then lsskd report results/selfsup-checks --out results/selfsup-checks; fi
 for d in selfsup-checks-heldout selfsup-checks-underfit digits-overfit/heldout digits-overfit/test; do
