@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..config import ConfigError, check_config
-from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data  # noqa: F401 (build_run_data: re-exported)
+from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data
 from ..errors import NonFiniteError, ResourceError, oom_errors  # noqa: F401 - re-exported
 from ..models import build_model
 from ..methods.base import MethodContext

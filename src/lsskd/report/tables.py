@@ -103,7 +103,8 @@ def paired_difference(g: Group, base: Group) -> Optional[Tuple[float, float, int
 CSV_COLUMNS = [
     "group", "method", "model", "dataset", "settings", "eval_on", "epochs", "n_seeds", "seeds",
     "top1_last_mean", "top1_last_std", "top5_last_mean", "top5_last_std", "delta_top1_vs_baseline",
-    "delta_top1_se", "paired_delta_top1", "paired_delta_se", "paired_n", "baseline", "top1_best_epoch_mean", "top1_best_epoch_std", "best_epoch_mean",
+    "delta_top1_se", "paired_delta_top1", "paired_delta_se", "paired_n", "baseline", "top1_best_epoch_mean",
+    "top1_best_epoch_std", "best_epoch_mean",
     "params_deployed", "params_train", "macs_deployed", "train_size", "train_seconds_mean",
     "branch_top1_mean", "run_dirs",
 ]
@@ -117,6 +118,7 @@ def csv_rows(groups: Sequence[Group], baseline: Optional[str]) -> List[Dict[str,
     rows = []
     for g in groups:
         st, r0 = g.stats, g.first
+        paired = st.get("paired") or (None, None, None)
         rows.append({
             "group": g.label, "method": method_name(g), "model": str(r0.summary.get("model", "")),
             "dataset": dataset_name(r0), "settings": g.settings, "eval_on": r0.eval_on,
@@ -126,9 +128,8 @@ def csv_rows(groups: Sequence[Group], baseline: Optional[str]) -> List[Dict[str,
             "top5_last_mean": _num(st["top5"][0]), "top5_last_std": _num(st["top5"][1]),
             "delta_top1_vs_baseline": _num(st.get("delta")),
             "delta_top1_se": _num(st.get("delta_se")),
-            "paired_delta_top1": _num(st["paired"][0]) if st.get("paired") else "",
-            "paired_delta_se": _num(st["paired"][1]) if st.get("paired") else "",
-            "paired_n": str(st["paired"][2]) if st.get("paired") else "",
+            "paired_delta_top1": _num(paired[0]), "paired_delta_se": _num(paired[1]),
+            "paired_n": "" if paired[2] is None else str(paired[2]),
             "baseline": st.get("delta_vs", "") if st.get("delta") is not None else "",
             "top1_best_epoch_mean": _num(st["best"][0]), "top1_best_epoch_std": _num(st["best"][1]),
             "best_epoch_mean": _num(st["best_epoch"][0]),
