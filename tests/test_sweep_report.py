@@ -158,6 +158,20 @@ def test_report_group_by_and_cli(fake_runs, tmp_path, capsys, monkeypatch):
     md = (out / "report.md").read_text()
     assert f"`{half}`" in md and f"`{nullrun}`" in md
 
+    # a baseline named on the command line that no run has (a group name, a typo) is an error that
+    # lists the methods there, before anything is written; the default (ce) stays optional
+    assert main(["report", str(fake_runs), "--out", str(tmp_path / "typo"), "--compare-to", "c100_resnet8_ce",
+                 "--no-plots"]) == 2
+    assert "--compare-to c100_resnet8_ce: no run under" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+    assert main(["report", str(fake_runs / "lsskd"), "--out", str(tmp_path / "noce"), "--no-plots"]) == 0
+    assert read_csv(tmp_path / "noce" / "report.csv")[0]["delta_top1_vs_baseline"] == ""
+    assert main(["report", str(fake_runs), "--out", str(tmp_path / "vs"), "--compare-to", "lsskd",
+                 "--no-plots"]) == 0
+    rows = {r["group"]: r for r in read_csv(tmp_path / "vs" / "report.csv")}
+    assert rows["ce (train_fraction=0.25)"]["baseline"] == "lsskd (train_fraction=0.25)"
+    assert float(rows["ce (train_fraction=0.25)"]["delta_top1_vs_baseline"]) == pytest.approx(50.0 - 55.5)
+
     # matplotlib is optional: a clear error, and nothing half-written
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match="matplotlib.*--no-plots"):

@@ -18,8 +18,10 @@ def add_parser(sub):
     p.add_argument("--group-by", default="",
                    help="comma-separated fields to group by instead of the whole config, "
                         "e.g. method,model or method,data.train_fraction")
-    p.add_argument("--compare-to", default="ce", metavar="METHOD",
-                   help="baseline method for the 'delta vs baseline' column (default: ce; 'none' to omit)")
+    p.add_argument("--compare-to", default=None, metavar="METHOD",
+                   help="baseline method (summary.json's 'method', e.g. ce or lsskd_selfsup) for the "
+                        "'delta vs baseline' columns (default: ce, where present; 'none' to omit). "
+                        "A method named here that no run has is an error")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--allow-repeated-seeds", action="store_true",
                    help="count two run folders with the same config and seed as two seeds (by default "
@@ -34,9 +36,10 @@ def run(args) -> int:
     out = args.out or args.runs[0]
     if Path(out).is_file():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    baseline = None if str(args.compare_to).lower() in ("", "none") else args.compare_to
+    named = args.compare_to is not None
+    baseline = "ce" if not named else (None if args.compare_to.lower() in ("", "none") else args.compare_to)
     rep = build_report(args.runs, out, group_by=group_by, baseline=baseline, plots=not args.no_plots,
-                       allow_repeats=args.allow_repeated_seeds)
+                       allow_repeats=args.allow_repeated_seeds, require_baseline=named)
     if rep.repeats:
         print(f"warning: repeated seeds counted as separate seeds: {describe_repeats(rep.repeats)}",
               file=sys.stderr)

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .plots import plot_branches, plot_curves, plot_epochs, plot_fraction, points_against, pyplot
 from .runs import (ALIASES, OWN_COLUMNS, Group, Run, dataset_name, describe_repeats, find_runs, group_runs,
-                   ignored_key, load_run, repeated_seeds)
+                   ignored_key, load_run, method_name, repeated_seeds)
 from .tables import BEST_LABEL, CSV_COLUMNS, add_deltas, compute_stats, csv_rows, markdown, mean_std
 
 __all__ = ["ALIASES", "BEST_LABEL", "CSV_COLUMNS", "OWN_COLUMNS", "Group", "Report", "Run", "add_deltas",
@@ -44,11 +44,14 @@ class Report:
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optional[Sequence[str]] = None,
-                 baseline: Optional[str] = "ce", plots: bool = True, allow_repeats: bool = False) -> Report:
+                 baseline: Optional[str] = "ce", plots: bool = True, allow_repeats: bool = False,
+                 require_baseline: bool = False) -> Report:
     """Find runs under ``paths``, aggregate them, write ``report.md``, ``report.csv``
     and (with ``plots``) PNG figures into ``out``. Two folders holding the same seed of
     the same config (:func:`repeated_seeds`, e.g. a run copied elsewhere) are refused
-    unless ``allow_repeats``; then they are counted and listed in ``Report.repeats``."""
+    unless ``allow_repeats``; then they are counted and listed in ``Report.repeats``.
+    With ``require_baseline``, a ``baseline`` method that no run has is refused (before
+    anything is written) instead of leaving the delta columns out."""
     runs, unfinished = find_runs(paths)
     if not runs:
         hint = f" ({len(unfinished)} unfinished run(s) found)" if unfinished else ""
@@ -59,6 +62,10 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
                         f"({describe_repeats(repeats)}); each would count as another seed. Remove the "
                         "copies, or pass --allow-repeated-seeds to count them anyway")
     groups = group_runs(runs, group_by)
+    if require_baseline and baseline and not any(method_name(g) == baseline for g in groups):
+        have = sorted({method_name(g) for g in groups})
+        raise ConfigError(f"--compare-to {baseline}: no run under {', '.join(map(str, paths))} has method "
+                          f"'{baseline}' (methods: {', '.join(have)}); name one of these, or 'none'")
     compute_stats(groups)
     add_deltas(groups, baseline, by_fields=bool(group_by))
     out = Path(out)
