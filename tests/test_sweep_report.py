@@ -19,14 +19,14 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 # --- fake but realistic run directories -----------------------------------------------------
 def make_run(root, name, method, seed, top1, top5, best, best_epoch, fraction=1.0, branches=None,
-             epochs=3, model="resnet8"):
+             epochs=3, model="resnet8", overrides=()):
     """A run directory as `lsskd train` leaves it: config.yaml from the real config
     builder, one metrics line per epoch (best at ``best_epoch``, ``top1`` last) and summary.json."""
     d = Path(root) / name / f"seed{seed}"
     d.mkdir(parents=True)
     cfg = build_config(None, [f"method.name={method}", f"model.name={model}", f"seed={seed}",
                               f"out_dir={d}", "data.root=../shared/data/cifar100",
-                              f"data.train_fraction={fraction}", f"train.epochs={epochs}"])
+                              f"data.train_fraction={fraction}", f"train.epochs={epochs}", *overrides])
     (d / "config.yaml").write_text(dump(cfg))
     rows = []
     for e in range(1, epochs + 1):
@@ -130,6 +130,29 @@ def test_report_means_stds_deltas_and_labels(fake_runs, tmp_path):
     for name in ("accuracy_per_epoch.png", "accuracy_vs_fraction.png", "branch_accuracy.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
         assert f"]({name})" in md
+
+
+def test_report_labels_shorten_long_lists_unless_that_makes_two_equal(tmp_path):
+    names = ["apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle"]
+    other = names[:2] + ["bowl", "boy", "bridge", "bus", "butterfly", "camel", "can"] + names[-1:]
+    for cell, classes in (("a", names), ("b", other)):
+        for method, top1 in (("ce", 60.0), ("sad_ce", 63.0)):
+            make_run(tmp_path / "runs" / cell, method, method, 0, top1, 90.0, top1, 3,
+                     overrides=[f"data.classes=[{','.join(classes)}]"])
+    rep = build_report([tmp_path / "runs" / "a"], tmp_path / "one", group_by=["method", "data.classes"],
+                       plots=False)
+    assert sorted(g.label for g in rep.groups) == ["ce, [apple, aquarium_fish, ..., bottle] (10)",
+                                                   "sad_ce, [apple, aquarium_fish, ..., bottle] (10)"]
+    assert rep.groups[0].settings.endswith('data.classes=["apple", "aquarium_fish", "baby", "bear", "beaver", '
+                                           '"bed", "bee", "beetle", "bicycle", "bottle"]')
+    # two cells whose lists agree in length, first two and last names: the shortened labels
+    # would be equal, so the full lists are shown
+    rep = build_report([tmp_path / "runs"], tmp_path / "two", group_by=["method", "data.classes"], plots=False)
+    labels = sorted(g.label for g in rep.groups)
+    assert len(set(labels)) == 4 and not any("..." in lab for lab in labels)
+    assert sum('"bowl"' in lab or "bowl" in lab for lab in labels) == 2
+    deltas = {g.label: g.stats.get("delta") for g in rep.groups if g.label.startswith("sad_ce")}
+    assert list(deltas.values()) == [pytest.approx(3.0), pytest.approx(3.0)]
 
 
 def test_report_group_by_and_cli(fake_runs, tmp_path, capsys, monkeypatch):

@@ -220,7 +220,11 @@ def short_names(keys: Sequence[str]) -> Dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
-def fmt_setting(v: Any) -> str:
+def fmt_setting(v: Any, brief: bool = False) -> str:
+    """A setting's value as text; ``brief`` shortens long lists (class names, subjects) for
+    labels to their first two and last items and their length."""
+    if brief and isinstance(v, list) and len(v) > 4:
+        return f"[{', '.join(fmt_setting(x) for x in v[:2])}, ..., {fmt_setting(v[-1])}] ({len(v)})"
     return freeze(v).strip('"') if not isinstance(v, float) else f"{v:g}"
 
 
@@ -232,7 +236,7 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
     if by_fields:
         for g in groups:
             g.settings = " ".join(f"{k}={fmt_setting(v)}" for k, v in g.fields.items())
-            g.label = ", ".join(fmt_setting(v) for v in g.fields.values())
+        _unique_labels(groups, lambda g, brief: ", ".join(fmt_setting(v, brief) for v in g.fields.values()))
         return
     varying = [k for k in varying_keys(groups) if k not in OWN_COLUMNS and not k.startswith("method.")]
     method_keys = [k for k in varying_keys(groups) if k.startswith("method.") and k != "method.name"]
@@ -240,14 +244,14 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
     multi_model = len({g.first.summary.get("model") for g in groups}) > 1
     multi_data = len({dataset_name(g.first) for g in groups}) > 1
     multi_epochs = len({g.first.summary.get("epochs") for g in groups}) > 1
+    label_parts: Dict[int, Tuple[str, List[Tuple[str, Any]]]] = {}
     for g in groups:
         ident = identity(g.first)
         full = {**current_defaults(g.first.config.get("method.name")), **g.first.config}
         # A setting at its default is named only for data keys (e.g. train_fraction=1 beside
         # 0.25 and 0.5); elsewhere only the groups that change it name it.
-        parts = [f"{short[k]}={fmt_setting(full[k])}" for k in varying + method_keys
-                 if k in ident or (k in full and k.startswith("data."))]
-        g.settings = " ".join(parts)
+        named = [k for k in varying + method_keys if k in ident or (k in full and k.startswith("data."))]
+        g.settings = " ".join(f"{short[k]}={fmt_setting(full[k])}" for k in named)
         head = [str(g.first.summary.get("method", ident.get("method.name", "?")))]
         if multi_model:
             head.append(str(g.first.summary.get("model")))
@@ -255,5 +259,19 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
             head.append(dataset_name(g.first))
         if multi_epochs:
             head.append(f"{g.first.summary.get('epochs')} ep")
-        g.label = " / ".join(head) + (f" ({', '.join(parts)})" if parts else "")
+        label_parts[id(g)] = (" / ".join(head), [(short[k], full[k]) for k in named])
+
+    def label(g: Group, brief: bool) -> str:
+        head, pairs = label_parts[id(g)]
+        return head + (f" ({', '.join(f'{n}={fmt_setting(v, brief)}' for n, v in pairs)})" if pairs else "")
+    _unique_labels(groups, label)
+
+
+def _unique_labels(groups: Sequence[Group], make) -> None:
+    """Labels with long lists shortened, unless shortening makes two groups' labels equal."""
+    labels = [make(g, True) for g in groups]
+    if len(set(labels)) < len(labels):
+        labels = [make(g, False) for g in groups]
+    for g, lab in zip(groups, labels):
+        g.label = lab
 
