@@ -66,20 +66,27 @@ if [ -d results/tune-overfit ]; then lsskd report results/tune-overfit --out res
 # issue 18: the over-fitting suite (plans write straight into results/overfit-suite/<tree>;
 # checkpoints and TensorBoard events stay out of git via .gitignore), and the recommended
 # profile's checks where the model fits and generalises
+# (the delta columns are against CE where a folder has it)
 for d in heldout-a heldout-hapt heldout-hapt-s2 heldout-hapt-s3 hapt test-a test-b test-c heldout-b; do
   if [ -d results/overfit-suite/$d ]; then
-    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to ce 2>/dev/null \
-      || lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to none
+    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d
   fi
 done
-# the walk holds its own SAD-CE baseline (walk-hapt/none, equal to heldout-hapt/sad_ce run by run)
-if [ -d results/overfit-suite/walk-hapt ]; then
-  lsskd report results/overfit-suite/walk-hapt --out results/overfit-suite/walk-hapt --compare-to none
-fi
+# the walks hold their own baselines (walk-hapt/none is SAD-CE, equal to heldout-hapt/sad_ce run
+# by run; walk-remove-hapt/lsskd is the paper profile), paired by hand in overfit-suite/README.md
+for d in walk-hapt walk-remove-hapt walk-a; do
+  if [ -d results/overfit-suite/$d ]; then
+    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to none
+  fi
+done
+# all image cells on test images, one group per method and cell (data.classes), against CE
+# and against SAD-CE in the same cell
 if [ -d results/overfit-suite/test-a ]; then
-  lsskd report results/overfit/c10-e120/ce results/overfit/c10-e120/sad_ce results/overfit/c10-e120/sad_ce_gated \
-      results/overfit-suite/test-a results/overfit-suite/test-b results/overfit-suite/test-c \
-      --out results/overfit-suite/test --compare-to ce
+  cells="results/overfit/c10-e120/ce results/overfit/c10-e120/sad_ce results/overfit/c10-e120/sad_ce_gated
+         results/overfit-suite/test-a results/overfit-suite/test-b results/overfit-suite/test-c"
+  lsskd report $cells --group-by method,data.classes --out results/overfit-suite/test --compare-to ce
+  lsskd report $cells --group-by method,data.classes --out results/overfit-suite/test/vs-sad-ce --compare-to sad_ce \
+      --no-plots
 fi
 if [ -d results/selfsup-checks ]; then lsskd report results/selfsup-checks --out results/selfsup-checks; fi
 for d in selfsup-checks-heldout selfsup-checks-underfit digits-overfit/heldout digits-overfit/test; do

@@ -159,6 +159,12 @@ def test_report_group_by_and_cli(fake_runs, tmp_path, capsys, monkeypatch):
     rep = build_report([fake_runs], tmp_path / "g", group_by=["method"], plots=False)
     n = {g.fields["method"]: g.stats["n"] for g in rep.groups}
     assert n == {"ce": 5, "lsskd": 5}
+    # grouping by method alone pools the three training fractions, which share seed 0: said, with
+    # the key that tells them apart, in the report and on stderr
+    assert len(rep.pooled) == 2 and all("seed 0 3 times" in p and "data.train_fraction" in p for p in rep.pooled)
+    assert "holds seed 0 3 times" in (tmp_path / "g" / "report.md").read_text()
+    assert not build_report([fake_runs], tmp_path / "g2", group_by=["method", "data.train_fraction"],
+                            plots=False).pooled
     ce = next(g for g in rep.groups if g.fields["method"] == "ce")
     assert ce.stats["top1"][0] == pytest.approx((70 + 72 + 74 + 50 + 60) / 5, abs=1e-12)
     assert not list((tmp_path / "g").glob("*.png"))

@@ -43,6 +43,8 @@ def run(args) -> int:
     if rep.repeats:
         print(f"warning: repeated seeds counted as separate seeds: {describe_repeats(rep.repeats)}",
               file=sys.stderr)
+    for line in rep.pooled:
+        print(f"warning: {line}; add one of these to --group-by to keep them apart", file=sys.stderr)
     print(f"{len(rep.runs)} run(s) in {len(rep.groups)} group(s)"
           + (f"; {len(rep.unfinished)} unfinished run(s) left out" if rep.unfinished else ""))
     for g in rep.groups:

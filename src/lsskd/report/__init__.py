@@ -25,13 +25,13 @@ from typing import List, Optional, Sequence, Tuple
 from ..errors import ConfigError, DataError
 from .plots import plot_branches, plot_curves, plot_epochs, plot_fraction, points_against, pyplot
 from .runs import (ALIASES, OWN_COLUMNS, Group, Run, dataset_name, describe_repeats, find_runs, group_runs,
-                   ignored_key, load_run, method_name, repeated_seeds)
+                   ignored_key, load_run, method_name, pooled_seeds, repeated_seeds)
 from .tables import BEST_LABEL, CSV_COLUMNS, add_deltas, compute_stats, csv_rows, markdown, mean_std
 
 __all__ = ["ALIASES", "BEST_LABEL", "CSV_COLUMNS", "OWN_COLUMNS", "Group", "Report", "Run", "add_deltas",
            "build_report", "compute_stats", "csv_rows", "dataset_name", "describe_repeats", "find_runs",
            "group_runs", "ignored_key", "load_run", "markdown", "mean_std", "plot_branches", "plot_curves",
-           "plot_epochs", "plot_fraction", "points_against", "pyplot", "repeated_seeds"]
+           "plot_epochs", "plot_fraction", "points_against", "pooled_seeds", "pyplot", "repeated_seeds"]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Report:
     unfinished: List[Path]
     files: List[Path]
     repeats: List[List[Run]] = field(default_factory=list)  # counted anyway (allow_repeats)
+    pooled: List[str] = field(default_factory=list)  # --group-by groups holding one seed twice
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optional[Sequence[str]] = None,
@@ -62,6 +63,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
                         f"({describe_repeats(repeats)}); each would count as another seed. Remove the "
                         "copies, or pass --allow-repeated-seeds to count them anyway")
     groups = group_runs(runs, group_by)
+    pooled = pooled_seeds(groups) if group_by else []
     if require_baseline and baseline and not any(method_name(g) == baseline for g in groups):
         have = sorted({method_name(g) for g in groups})
         raise ConfigError(f"--compare-to {baseline}: no run under {', '.join(map(str, paths))} has method "
@@ -90,6 +92,9 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
     if repeats:
         md += ("\n## Repeated seeds (counted, --allow-repeated-seeds)\n\n"
                + "".join(f"- {describe_repeats([rs])}\n" for rs in repeats))
+    if pooled:
+        md += ("\n## Groups that hold a seed more than once (--group-by pooled different settings)\n\n"
+               + "".join(f"- {line}\n" for line in pooled))
     (out / "report.md").write_text(md)
     files = [out / "report.md", out / "report.csv", *files]
-    return Report(groups, runs, unfinished, files, repeats)
+    return Report(groups, runs, unfinished, files, repeats, pooled)

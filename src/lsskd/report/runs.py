@@ -173,6 +173,28 @@ def repeated_seeds(runs: Sequence[Run]) -> List[List[Run]]:
     return [rs for rs in by.values() if len(rs) > 1]
 
 
+def pooled_seeds(groups: Sequence[Group]) -> List[str]:
+    """With ``--group-by``, a group may pool runs of different experiments; where two of them
+    share a seed, the group counts one seed twice. One line per such (group, seed), naming
+    the settings that tell the runs apart, so that the user can add one to ``--group-by``."""
+    lines = []
+    for g in groups:
+        by_seed: Dict[str, List[Run]] = {}
+        for r in g.runs:
+            by_seed.setdefault(str(r.seed), []).append(r)
+        for seed, rs in by_seed.items():
+            if len(rs) < 2:
+                continue
+            idents = [identity(r) for r in rs]
+            keys = sorted(set().union(*idents))
+            differ = [k for k in keys if len({freeze(i.get(k, "<unset>")) for i in idents}) > 1]
+            lines.append(f"group '{g.label}' holds seed {seed} {len(rs)} times ("
+                         + " and ".join(str(r.path) for r in rs) + "), differing in "
+                         + (", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "") if differ
+                            else "nothing but the folder"))
+    return lines
+
+
 def describe_repeats(repeats: Sequence[Sequence[Run]]) -> str:
     return "; ".join(f"seed {rs[0].seed} of {rs[0].summary.get('method', '?')} in "
                      + " and ".join(str(r.path) for r in rs) for rs in repeats)
