@@ -72,17 +72,18 @@ for d in heldout-a heldout-hapt heldout-hapt-s2 heldout-hapt-s3 hapt test-a test
     lsskd report results/overfit-suite/$d --out results/overfit-suite/$d
   fi
 done
-# the walks hold their own baselines (walk-hapt/none is SAD-CE, equal to heldout-hapt/sad_ce run
-# by run; walk-remove-hapt/lsskd is the paper profile), paired by hand in overfit-suite/README.md
-for d in walk-hapt walk-remove-hapt walk-a; do
-  if [ -d results/overfit-suite/$d ]; then
-    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d --compare-to none
-  fi
-done
+# the walks hold their own baselines, named by group label: walk-hapt's plain SAD-CE (its
+# none/, equal to heldout-hapt/sad_ce run by run) and walk-remove-hapt's plain paper profile
+if [ -d results/overfit-suite/walk-hapt ]; then
+  lsskd report results/overfit-suite/walk-hapt --out results/overfit-suite/walk-hapt --compare-to sad_ce
+fi
+if [ -d results/overfit-suite/walk-remove-hapt ]; then
+  lsskd report results/overfit-suite/walk-remove-hapt --out results/overfit-suite/walk-remove-hapt --compare-to lsskd
+fi
 # all image cells on test images, one group per method and cell (data.classes), against CE
 # and against SAD-CE in the same cell
 if [ -d results/overfit-suite/test-a ]; then
-  cells="results/overfit/c10-e120/ce results/overfit/c10-e120/sad_ce results/overfit/c10-e120/sad_ce_gated
+  cells="results/overfit/c10-e120/ce results/overfit/c10-e120/sad_ce
          results/overfit-suite/test-a results/overfit-suite/test-b results/overfit-suite/test-c"
   lsskd report $cells --group-by method,data.classes --out results/overfit-suite/test --compare-to ce
   lsskd report $cells --group-by method,data.classes --out results/overfit-suite/test/vs-sad-ce --compare-to sad_ce \

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -153,6 +154,26 @@ def test_report_labels_shorten_long_lists_unless_that_makes_two_equal(tmp_path):
     assert sum("bowl" in lab for lab in labels) == 2
     deltas = {g.label: g.stats.get("delta") for g in rep.groups if g.label.startswith("sad_ce")}
     assert list(deltas.values()) == [pytest.approx(3.0), pytest.approx(3.0)]
+
+
+def test_report_compares_variants_of_one_method_with_the_group_named_by_its_label(tmp_path):
+    """--compare-to names the plain config's group ("lsskd") when the others are its variants
+    ("lsskd (kl_weight=0)"): every variant gets its difference, paired by seed."""
+    for seed, (plain, no_kl) in enumerate([(70.0, 69.0), (72.0, 72.5), (71.0, 69.5)]):
+        make_run(tmp_path / "runs", "lsskd", "lsskd", seed, plain, 90.0, plain, 3)
+        make_run(tmp_path / "runs", "no_kl", "lsskd", seed, no_kl, 90.0, no_kl, 3, overrides=["method.kl_weight=0"])
+    rep = build_report([tmp_path / "runs"], tmp_path / "out", baseline="lsskd", plots=False,
+                       require_baseline=True)
+    by = {g.label: g.stats for g in rep.groups}
+    assert set(by) == {"lsskd", "lsskd (kl_weight=0)"} and by["lsskd"]["delta"] is None
+    m, se, n = by["lsskd (kl_weight=0)"]["paired"]
+    diffs = [-1.0, 0.5, -1.5]
+    assert n == 3 and m == pytest.approx(sum(diffs) / 3)
+    assert se == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+    # a name that is neither a group's label nor a method is refused
+    with pytest.raises(ConfigError, match="--compare-to lsskd_selfsup: no run"):
+        build_report([tmp_path / "runs"], tmp_path / "none", baseline="lsskd_selfsup", plots=False,
+                     require_baseline=True)
 
 
 def test_report_group_by_and_cli(fake_runs, tmp_path, capsys, monkeypatch):

@@ -18,10 +18,11 @@ def add_parser(sub):
     p.add_argument("--group-by", default="",
                    help="comma-separated fields to group by instead of the whole config, "
                         "e.g. method,model or method,data.train_fraction")
-    p.add_argument("--compare-to", default=None, metavar="METHOD",
-                   help="baseline method (summary.json's 'method', e.g. ce or lsskd_selfsup) for the "
-                        "'delta vs baseline' columns (default: ce, where present; 'none' to omit). "
-                        "A method named here that no run has is an error")
+    p.add_argument("--compare-to", default=None, metavar="METHOD|GROUP",
+                   help="baseline for the 'delta vs baseline' columns: a method (summary.json's "
+                        "'method', e.g. ce or lsskd_selfsup) or a group's label as the report prints it "
+                        "(e.g. lsskd, beside variants such as 'lsskd (gamma=0)'); default: ce, where "
+                        "present; 'none' to omit. A baseline that no run has is an error")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--allow-repeated-seeds", action="store_true",
                    help="count two run folders with the same config and seed as two seeds (by default "

@@ -64,7 +64,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
                         "copies, or pass --allow-repeated-seeds to count them anyway")
     groups = group_runs(runs, group_by)
     pooled = pooled_seeds(groups) if group_by else []
-    if require_baseline and baseline and not any(method_name(g) == baseline for g in groups):
+    if require_baseline and baseline and not any(baseline in (method_name(g), g.label) for g in groups):
         have = sorted({method_name(g) for g in groups})
         raise ConfigError(f"--compare-to {baseline}: no run under {', '.join(map(str, paths))} has method "
                           f"'{baseline}' (methods: {', '.join(have)}); name one of these, or 'none'")

@@ -59,8 +59,9 @@ def _baseline_key(g: Group, strict: bool, by_fields: bool) -> str:
 
 
 def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool = False) -> None:
-    """``delta`` = group's mean last-epoch top-1 minus that of the ``baseline`` method's
-    group with the same config apart from the method section (or, failing that, a
+    """``delta`` = group's mean last-epoch top-1 minus that of the ``baseline`` group (the
+    group labelled exactly ``baseline``, else the ``baseline`` method's groups) with the same
+    config apart from the method section (or, failing that, a
     unique one with the same model, data, training fraction and epochs). ``delta_se`` =
     its standard error sqrt(s^2/n + s0^2/n0), when both groups have two or more seeds.
     ``paired`` = (mean, standard error, n) of the per-seed differences over the seeds both
@@ -70,9 +71,11 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
         g.stats["delta"] = g.stats["delta_se"] = g.stats["paired"] = None
     if not baseline:
         return
-    base = [g for g in groups if method_name(g) == baseline]
+    # A group labelled exactly ``baseline`` (e.g. "lsskd" beside "lsskd (gamma=0)") is the
+    # baseline itself, so that variants of one method compare with its plain config.
+    base = [g for g in groups if g.label == baseline] or [g for g in groups if method_name(g) == baseline]
     for g in groups:
-        if method_name(g) == baseline:
+        if g in base:
             continue
         for strict in (True, False):
             cands = [b for b in base if _baseline_key(b, strict, by_fields) == _baseline_key(g, strict, by_fields)]
