@@ -51,8 +51,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
     and (with ``plots``) PNG figures into ``out``. Two folders holding the same seed of
     the same config (:func:`repeated_seeds`, e.g. a run copied elsewhere) are refused
     unless ``allow_repeats``; then they are counted and listed in ``Report.repeats``.
-    With ``require_baseline``, a ``baseline`` method that no run has is refused (before
-    anything is written) instead of leaving the delta columns out."""
+    With ``require_baseline``, a ``baseline`` that is neither a run's method nor a group's
+    label is refused (before anything is written) instead of leaving the delta columns out."""
     runs, unfinished = find_runs(paths)
     if not runs:
         hint = f" ({len(unfinished)} unfinished run(s) found)" if unfinished else ""
@@ -66,8 +66,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, group_by: Optiona
     pooled = pooled_seeds(groups) if group_by else []
     if require_baseline and baseline and not any(baseline in (method_name(g), g.label) for g in groups):
         have = sorted({method_name(g) for g in groups})
-        raise ConfigError(f"--compare-to {baseline}: no run under {', '.join(map(str, paths))} has method "
-                          f"'{baseline}' (methods: {', '.join(have)}); name one of these, or 'none'")
+        raise ConfigError(f"--compare-to {baseline}: no run under {', '.join(map(str, paths))} has that method "
+                          f"or group label (methods: {', '.join(have)}); name one of these, or 'none'")
     compute_stats(groups)
     add_deltas(groups, baseline, by_fields=bool(group_by))
     out = Path(out)
