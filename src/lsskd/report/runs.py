@@ -185,9 +185,7 @@ def pooled_seeds(groups: Sequence[Group]) -> List[str]:
         for seed, rs in by_seed.items():
             if len(rs) < 2:
                 continue
-            idents = [identity(r) for r in rs]
-            keys = sorted(set().union(*idents))
-            differ = [k for k in keys if len({freeze(i.get(k, "<unset>")) for i in idents}) > 1]
+            differ = differing_keys([identity(r) for r in rs])
             lines.append(f"group '{g.label}' holds seed {seed} {len(rs)} times ("
                          + " and ".join(str(r.path) for r in rs) + "), differing in "
                          + (", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "") if differ
@@ -232,7 +230,11 @@ def group_runs(runs: Sequence[Run], group_by: Optional[Sequence[str]] = None) ->
 
 
 def varying_keys(groups: Sequence[Group]) -> List[str]:
-    idents = [identity(g.first) for g in groups]
+    return differing_keys([identity(g.first) for g in groups])
+
+
+def differing_keys(idents: Sequence[Dict[str, Any]]) -> List[str]:
+    """The keys whose value (or presence) is not the same in every one of ``idents``."""
     keys = sorted(set().union(*idents)) if idents else []
     return [k for k in keys if len({freeze(i.get(k, "<unset>")) for i in idents}) > 1]
 
@@ -258,15 +260,17 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
     if by_fields:
         for g in groups:
             g.settings = " ".join(f"{k}={fmt_setting(v)}" for k, v in g.fields.items())
-        _unique_labels(groups, lambda g, brief: ", ".join(fmt_setting(v, brief) for v in g.fields.values()))
+        _unique_labels(groups, lambda brief: [", ".join(fmt_setting(v, brief) for v in g.fields.values())
+                                              for g in groups])
         return
-    varying = [k for k in varying_keys(groups) if k not in OWN_COLUMNS and not k.startswith("method.")]
-    method_keys = [k for k in varying_keys(groups) if k.startswith("method.") and k != "method.name"]
+    differ = varying_keys(groups)
+    varying = [k for k in differ if k not in OWN_COLUMNS and not k.startswith("method.")]
+    method_keys = [k for k in differ if k.startswith("method.") and k != "method.name"]
     short = short_names(varying + method_keys)
     multi_model = len({g.first.summary.get("model") for g in groups}) > 1
     multi_data = len({dataset_name(g.first) for g in groups}) > 1
     multi_epochs = len({g.first.summary.get("epochs") for g in groups}) > 1
-    label_parts: Dict[int, Tuple[str, List[Tuple[str, Any]]]] = {}
+    parts: List[Tuple[str, List[Tuple[str, Any]]]] = []  # per group: head, named settings
     for g in groups:
         ident = identity(g.first)
         full = {**current_defaults(g.first.config.get("method.name")), **g.first.config}
@@ -281,19 +285,16 @@ def _label(groups: Sequence[Group], by_fields: bool) -> None:
             head.append(dataset_name(g.first))
         if multi_epochs:
             head.append(f"{g.first.summary.get('epochs')} ep")
-        label_parts[id(g)] = (" / ".join(head), [(short[k], full[k]) for k in named])
-
-    def label(g: Group, brief: bool) -> str:
-        head, pairs = label_parts[id(g)]
-        return head + (f" ({', '.join(f'{n}={fmt_setting(v, brief)}' for n, v in pairs)})" if pairs else "")
-    _unique_labels(groups, label)
+        parts.append((" / ".join(head), [(short[k], full[k]) for k in named]))
+    _unique_labels(groups, lambda brief: [
+        head + (f" ({', '.join(f'{n}={fmt_setting(v, brief)}' for n, v in pairs)})" if pairs else "")
+        for head, pairs in parts])
 
 
-def _unique_labels(groups: Sequence[Group], make) -> None:
-    """Labels with long lists shortened, unless shortening makes two groups' labels equal."""
-    labels = [make(g, True) for g in groups]
-    if len(set(labels)) < len(labels):
-        labels = [make(g, False) for g in groups]
-    for g, lab in zip(groups, labels):
+def _unique_labels(groups: Sequence[Group], labels) -> None:
+    """``labels(brief)`` gives one label per group; long lists are shortened (``brief``)
+    unless that makes two groups' labels equal."""
+    short = labels(True)
+    for g, lab in zip(groups, short if len(set(short)) == len(short) else labels(False)):
         g.label = lab
 

@@ -75,7 +75,7 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
     # baseline itself, so that variants of one method compare with its plain config.
     base = [g for g in groups if g.label == baseline] or [g for g in groups if method_name(g) == baseline]
     for g in groups:
-        if g in base:
+        if any(g is b for b in base):  # the group itself, not an equal-looking one
             continue
         for strict in (True, False):
             cands = [b for b in base if _baseline_key(b, strict, by_fields) == _baseline_key(g, strict, by_fields)]
