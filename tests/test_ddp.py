@@ -108,6 +108,25 @@ def test_ddp_two_ranks_match_single_process(ddp_bundle, tmp_path):
 
 
 
+def test_ddp_with_branches_skipped_while_the_gate_is_shut(cifar_bundle, tmp_path):
+    """branches_when_shut=skip leaves the branches without gradients in shut epochs: DDP must
+    be told to look for unused parameters (without it the second step fails), and both ranks
+    must stay identical through the shut epoch and the open one after it."""
+    tr, te = cifar_bundle.train.select_classes(range(2)), cifar_bundle.test.select_classes(range(2))
+    bundle = DataBundle(tr.subset(torch.arange(64)), te.subset(torch.arange(100)), mean=cifar_bundle.mean,
+                        std=cifar_bundle.std, modality="image")  # two classes: epoch 1 fits some
+    out = tmp_path / "ddp"
+    cfg = _cfg(out, "method.gate=fit", "method.gate_floor=0.0", "method.branches_when_shut=skip")
+    mp.spawn(_worker, args=(2, _free_port(), cfg, bundle, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    gates = [r["method_gate"] for r in rows]
+    assert gates[0] == 0.0 and gates[-1] > 0.0, gates
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert bool(r0["store"]["filled_views"].any())  # the branches ran once the gate opened
+
+
 
 @pytest.mark.slow
 def test_torchrun_cli_two_ranks(cifar_root, tmp_path):

@@ -274,6 +274,12 @@ def test_closed_lsskd_gate_trains_the_backbone_exactly_like_ce(tmp_path, cifar_b
 
     closed = max_diff(sa, sb)
     assert closed < 1e-4
+    # branches_when_shut=skip: the same backbone, bit for bit, at CE's arithmetic per step.
+    skipped = Trainer(_small_cfg(tmp_path / "skip", "lsskd", **{
+        "method.gate": "fit", "method.gate_floor": 0.99, "method.bn_views": "split",
+        "method.views_per_step": 2, "method.branches_when_shut": "skip"}), bundle=cifar_bundle)
+    skipped.fit()
+    assert max_diff(sa, skipped.method.backbone.state_dict()) == 0.0
     # An open gate (floor 0) changes the backbone's training.
     opened = Trainer(_small_cfg(tmp_path / "open", "lsskd", **{
         "method.gate": "fit", "method.gate_floor": 0.0, "method.bn_views": "split",

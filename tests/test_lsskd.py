@@ -240,6 +240,45 @@ def test_gate_fit_keeps_backbone_at_ce_below_the_floor_and_opens_linearly():
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+def test_branches_when_shut_skip_makes_a_shut_step_a_ce_step():
+    """branches_when_shut=skip: while g = 0 the step is the identity view through the backbone
+    (CE's loss, CE's gradient, no branch ran, no branch store row written); once the gate opens
+    the branches run on the drawn views as with ``train``."""
+    from lsskd.config import ConfigError
+
+    m = make("lsskd", gate="fit", branches_when_shut="skip", num_train=8, views_per_step=2)
+    assert m.may_leave_params_unused and not make("lsskd", gate="fit").may_leave_params_unused
+    m.train()
+    x, y, idx = _batch()
+    m.on_epoch_start(2, 4)  # fit_acc 0: shut
+    z, losses = m(x, y, idx)
+    assert set(losses) == {"final"} and m._view_step == 0  # no view drawn
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in m.aux.parameters())
+    got = [p.grad.clone() for p in m.backbone.parameters()]
+    m.after_step()
+    assert bool(m.store.filled[idx].all()) and not bool(m.store.filled_views.any())
+    ref = make("ce")
+    ref.train()
+    F.cross_entropy(ref(x, y, idx)[0], y).backward()
+    for g, p in zip(got, ref.backbone.parameters()):
+        assert torch.equal(g, p.grad)
+
+    m.zero_grad()
+    m.on_epoch_end({"top1": 80.0})  # g = 0.6: the branches run on two views
+    z, losses = m(x, y, idx)
+    assert {"final", "hier", "kl", "feat"} <= set(losses) and m._view_step == 1
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in m.aux.parameters())
+    m.after_step()
+    assert int(m.store.filled_views[idx].sum()) == 2 * len(idx)
+
+    with pytest.raises(ConfigError, match="branches_when_shut=skip acts only behind a gate"):
+        make("lsskd", branches_when_shut="skip")
+    with pytest.raises(ConfigError, match="method.branches_when_shut"):
+        make("lsskd", gate="fit", branches_when_shut="never")
+
+
 def test_gate_gap_opens_only_when_the_model_fits_training_data_better_than_held_out_data():
     from lsskd.config import ConfigError
 

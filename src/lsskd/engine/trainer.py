@@ -174,7 +174,8 @@ class Trainer:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self.method, store_bufs)
         return nn.parallel.DistributedDataParallel(
-            self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.method.may_leave_params_unused)
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -132,6 +132,10 @@ class Method(nn.Module):
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
         """Sees the epoch's mean training stats (e.g. train accuracy)."""
 
+    #: True when some training steps leave parameters without a gradient (LSSKD's branches
+    #: with ``branches_when_shut=skip``): DDP then has to look for unused parameters.
+    may_leave_params_unused: bool = False
+
     #: True when the method needs the held-out split's scores after every epoch
     #: (the trainer then evaluates ``data.val_fraction``'s split and calls on_validation).
     wants_val: bool = False

@@ -40,6 +40,10 @@ Robustness options (issue 9; all off in the ``paper`` profile):
   that fits its data and generalises as well (f - v small) keeps training as CE;
   one that fits its training data better than unseen data gets self-distillation.
   ``auto``: ``gap`` when the run has a held-out split, ``fit`` otherwise.
+  ``branches_when_shut``: ``train`` (the branches keep learning on detached features
+  while the gate is shut, g = 0) | ``skip``: a shut epoch runs the identity view through
+  the backbone only, a step at CE's cost; the branches start learning when the gate opens,
+  and their pull on the backbone starts at g, near 0, anyway.
   ``bn_views``: ``shared`` (paper: batch norm sees all views as one batch) |
   ``split``: the backbone runs the identity view and the transformed views as two
   batches; batch norm normalises each with its own statistics and only the identity
@@ -116,6 +120,7 @@ class LSSKD(Method):
         "gap_floor": 0.05,  # gate=gap: train-minus-held-out top-1 (fraction) below which it stays shut
         # (a negative floor opens it even while held-out top-1 exceeds training top-1)
         "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
+        "branches_when_shut": "train",  # train | skip: run the branches while the gate is shut?
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
         "last_branch": "stage",  # stage (HSAKD) | block (before issue 18): deepest branch's trunk
         "store_mixed": "skip",  # skip | store: what a CutMix-ed batch writes into the store
@@ -132,6 +137,7 @@ class LSSKD(Method):
             raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
         for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
                              ("last_branch", ("stage", "block")),
+                             ("branches_when_shut", ("train", "skip")),
                              ("store_mixed", ("skip", "store"))):
             if c[key] not in allowed:
                 raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
@@ -146,6 +152,10 @@ class LSSKD(Method):
             raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
                               "(e.g. 0.1), or use method.gate=fit")
         self.wants_val = self.gate_mode == "gap"
+        if c["branches_when_shut"] == "skip" and self.gate_mode == "none":
+            raise ConfigError("method.branches_when_shut=skip acts only behind a gate: set method.gate "
+                              "to fit, gap or auto, or leave branches_when_shut=train")
+        self.may_leave_params_unused = c["branches_when_shut"] == "skip" and self.gate_mode != "none"
         views = c["views"]
         if views == "auto":
             views = AUTO_VIEWS.get(self.context.modality, "rotation")
@@ -286,9 +296,14 @@ class LSSKD(Method):
     def train_forward(self, x, y, idx, mix):
         c, M, C = self.cfg, self.num_views, self.num_classes
         B = x.shape[0]
-        views = self.step_views() if len(self.aux) else None
+        if self.may_leave_params_unused and self.gate() == 0.0:
+            # Shut gate, branches skipped: the identity view through the backbone, CE's step.
+            views, outs = None, []
+            z = self.backbone(x)
+        else:
+            views = self.step_views() if len(self.aux) else None
+            z, h, outs = self.forward_all(x, views)
         V = M if views is None else len(views)
-        z, h, outs = self.forward_all(x, views)
         alpha = self.alpha()
         onehot = F.one_hot(y, C).float()
         conf = None
@@ -332,7 +347,7 @@ class LSSKD(Method):
             with torch.no_grad():
                 p_new = F.softmax(z.detach().float(), -1)
                 q_new = None
-                if self.store.num_branches:
+                if self.store.num_branches and outs:
                     q_new = torch.stack([F.softmax(s.detach().float(), -1).view(V, B, M * C).transpose(0, 1)
                                          for _, s in outs])
             self._pending = (idx.detach(), p_new, q_new, views)
