@@ -80,6 +80,21 @@ fi
 if [ -d results/overfit-suite/walk-remove-hapt ]; then
   lsskd report results/overfit-suite/walk-remove-hapt --out results/overfit-suite/walk-remove-hapt --compare-to lsskd
 fi
+# the walk from the chosen profile on two held-out image cells, against CE and against the
+# profile itself (its group label: the settings that differ from sad_ce's defaults)
+for d in walk-profile-a walk-profile-b; do
+  if [ -d results/overfit-suite/$d ]; then
+    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d
+    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d/vs-profile --no-plots \
+        --compare-to 'sad_ce (bn_views=split, gate=fit, views_per_step=2)'
+  fi
+done
+# branches_when_shut=skip on three held-out sensor subject sets (CE, the profile, skip)
+for d in skip-hapt skip-hapt-s2 skip-hapt-s3; do
+  if [ -d results/overfit-suite/$d ]; then
+    lsskd report results/overfit-suite/$d --out results/overfit-suite/$d
+  fi
+done
 # all image cells on test images, one group per method and cell (data.classes), against CE
 # and against SAD-CE in the same cell
 if [ -d results/overfit-suite/test-a ]; then
