@@ -89,6 +89,14 @@ for d in walk-profile-a walk-profile-b; do
         --compare-to 'sad_ce (bn_views=split, gate=fit, views_per_step=2)'
   fi
 done
+# the paper profile minus one ingredient at two views per step, cell A held out; CE and the
+# chosen profile from walk-profile-a (same split, same seeds) beside it
+if [ -d results/overfit-suite/walk-remove-a ]; then
+  lsskd report results/overfit-suite/walk-remove-a results/overfit-suite/walk-profile-a/ce \
+      results/overfit-suite/walk-profile-a/none --out results/overfit-suite/walk-remove-a
+  lsskd report results/overfit-suite/walk-remove-a --out results/overfit-suite/walk-remove-a/vs-paper-v2 \
+      --no-plots --compare-to 'lsskd (views_per_step=2)'
+fi
 # branches_when_shut=skip on three held-out sensor subject sets (CE, the profile, skip)
 for d in skip-hapt skip-hapt-s2 skip-hapt-s3; do
   if [ -d results/overfit-suite/$d ]; then
