@@ -231,7 +231,7 @@ def test_gap_gate_reads_the_held_out_split_every_epoch(tmp_path):
     for prev, row in zip(rows, rows[1:]):
         f, v = prev["train_top1"] / 100, prev["val_top1"] / 100
         assert row["method_gate"] == pytest.approx(f * min(1.0, max(0.0, f - v + 0.5)), abs=1e-6)
-    assert float(tr.method.val_acc) == pytest.approx(rows[-1]["val_top1"] / 100)
+    assert float(tr.method.gating.val_acc) == pytest.approx(rows[-1]["val_top1"] / 100)
     assert rows[-1]["method_gate"] > 0
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lsskd.methods.base import soft_cross_entropy
-from lsskd.methods.losses import kl_div
+from lsskd.methods.losses import kl_div, progressive_target
 from lsskd.methods.lsskd import LSSKD
 from lsskd.methods.transforms import Rotations, ViewFamily
 from lsskd.models import build_model
@@ -40,17 +40,21 @@ def test_alpha_schedule_and_first_epoch_hard_targets():
     # Nothing stored yet: the softened target equals the one-hot label whatever alpha is.
     onehot = F.one_hot(torch.tensor([1, 2]), 10).float()
     prev, filled = m.store.get_final(torch.tensor([0, 1]))
-    t = m.soft_target(onehot, prev, filled, m.alpha())
+    t = progressive_target(onehot, prev, m.row_alpha(filled, m.alpha(), None))
     assert torch.equal(t, onehot)
 
 
-def test_soft_target_golden():
+def test_progressive_target_golden():
+    # Eqs. (1)-(2) by hand: (1 - 0.4) * [0, 1, 0] + 0.4 * [0.2, 0.5, 0.3] = [0.08, 0.8, 0.12];
+    # a row with nothing stored keeps its hard label; confidence scales alpha per row.
     m = make()
-    hard = torch.tensor([[0.0, 1.0, 0.0]])
-    prev = torch.tensor([[0.2, 0.5, 0.3]])
-    t = m.soft_target(hard, prev, torch.tensor([True]), 0.4)
-    assert torch.allclose(t, torch.tensor([[0.08, 0.8, 0.12]]))
-    assert float(t.sum()) == pytest.approx(1.0)
+    hard = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    prev = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25]])
+    a = m.row_alpha(torch.tensor([True, False, True]), 0.4, torch.tensor([1.0, 1.0, 0.5]))
+    assert a.flatten().tolist() == pytest.approx([0.4, 0.0, 0.2])
+    t = progressive_target(hard, prev, a)
+    assert torch.allclose(t, torch.tensor([[0.08, 0.8, 0.12], [1.0, 0.0, 0.0], [0.9, 0.05, 0.05]]))
+    assert torch.allclose(t.sum(1), torch.ones(3))
 
 
 def _batch(n=4, seed=1):
@@ -110,7 +114,7 @@ def test_store_written_after_step_without_grad_and_used_next_epoch():
     # epoch 2 of 2: alpha = 0.8; the final target mixes onehot with the stored P
     m.on_epoch_start(2, 2)
     prev, filled = m.store.get_final(idx)
-    t = m.soft_target(F.one_hot(y, 10).float(), prev, filled, m.alpha())
+    t = progressive_target(F.one_hot(y, 10).float(), prev, m.row_alpha(filled, m.alpha(), None))
     assert torch.allclose(t, 0.2 * F.one_hot(y, 10).float() + 0.8 * F.softmax(z.detach(), 1), atol=1e-6)
 
 
@@ -172,7 +176,7 @@ def test_branch_eval_scores_are_joint_logits_at_view_zero():
     m = make("lsskd")
     m.eval()
     x, _, _ = _batch()
-    outs = m.eval_outputs(x)
+    outs = m.eval_forward(x)[1]
     assert list(outs) == ["branch1", "branch2", "branch3"]
     feats = m.backbone.forward_stages(x)
     full = m.aux[1](feats[1])[1]
@@ -206,10 +210,16 @@ def test_loads_checkpoints_from_before_per_view_store_flags():
     _, losses = m(x, y, idx)
     sum(losses.values()).backward()
     m.after_step()
-    old = {k: v for k, v in m.state_dict().items() if k not in ("store.filled_views", "_extra_state", "val_acc")}
+    m.on_epoch_end({"top1": 37.5})
+    # The layout before per-view flags, the view counter, gate=gap and the gate helper:
+    # the gate's fit at the top level, no val_acc.
+    old = {k: v for k, v in m.state_dict().items()
+           if k not in ("store.filled_views", "_extra_state", "gating.val_acc", "gating.fit_acc")}
+    old["fit_acc"] = torch.tensor(0.375)
     m2 = make("lsskd", num_train=8)
     m2.load_state_dict(old)
-    assert float(m2.val_acc) == 1.0  # written before gate=gap existed
+    assert float(m2.gating.val_acc) == 1.0  # written before gate=gap existed
+    assert float(m2.gating.fit_acc) == 0.375
     assert torch.equal(m2.store.filled_views, m.store.filled_views)
     assert m2._view_step == 0
 
@@ -297,7 +307,11 @@ def test_gate_gap_opens_only_when_the_model_fits_training_data_better_than_held_
     m.on_validation({"top1": 10.0, "loss": 3.0})
     assert m.gate() == 0.0
     # The gap state is a buffer: it travels with checkpoints (exact resume).
-    assert float(m.state_dict()["val_acc"]) == pytest.approx(0.10)
+    assert float(m.state_dict()["gating.val_acc"]) == pytest.approx(0.10)
+    m3 = make("lsskd", gate="gap", has_val=True)
+    m3.load_state_dict({**{k: v for k, v in m.state_dict().items() if not k.startswith("gating.")},
+                        "fit_acc": torch.tensor(0.45), "val_acc": torch.tensor(0.10)})  # before the helper
+    assert float(m3.gating.val_acc) == pytest.approx(0.10) and m3.gate() == 0.0
     # auto: gap with a held-out split, fit without one; gap without a split is an error.
     assert make("lsskd", gate="auto", has_val=True).gate_mode == "gap"
     assert make("lsskd", gate="auto").gate_mode == "fit" and not make("lsskd", gate="auto").wants_val

@@ -41,6 +41,19 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
+def progressive_target(hard: torch.Tensor, prev: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The progressively softened target of LSSKD (METHOD.md Eqs. 1-2; PS-KD, Kim et al.,
+    ICCV 2021):
+
+        t_i = (1 - a_i) * hard_i + a_i * prev_i
+
+    ``hard`` one-hot rows (class labels for Eq. 1, joint labels for Eq. 2), ``prev`` the
+    model's stored previous-epoch predictions for the same rows (probabilities), ``alpha``
+    one weight per row, shape (rows, 1): alpha_t, times any per-sample scaling, and 0 on
+    rows with no stored prediction yet (then the target is the hard label)."""
+    return (1 - alpha) * hard + alpha * prev
+
+
 def mix_targets(target: torch.Tensor, mix: Optional[MixInfo], group: int = 1) -> torch.Tensor:
     """CutMix targets (Yun et al., "CutMix", ICCV 2019): row i's target becomes
 

@@ -1,73 +1,31 @@
-"""LSSKD: Layered Self-Supervised Knowledge Distillation (arXiv 2506.07055),
-with PS-KD, HSAKD's SAD-CE and the robust and recommended (``lsskd_selfsup``) profiles as
-switch settings of the same class. About 420 lines: one class, its options and the five
-named profiles, kept together so every profile reads as a diff of the same defaults.
+"""LSSKD: Layered Self-Supervised Knowledge Distillation (arXiv 2506.07055).
 
-Equation numbers follow ``METHOD.md``. For a batch of B samples and M views
-(rotations), the backbone runs once on all M*B views; the final head's logits z
-are read on the identity view; branch l (after stage l, HSAKD design) gives joint
-logits s_l over M*C labels on every view.
+Equation numbers are those of ``METHOD.md``. For a batch of B samples and M views
+(rotations for images, t_0 = identity) the backbone runs once over the stacked M*B views;
+the final head's logits z are read on the identity view, and branch l (a copy of the
+deeper stages after stage l, HSAKD's design) gives joint logits s_l over M*C labels and
+a pooled feature h_l on every view.
 
-  alpha_t   = alpha_T * t / T                       (epoch t = 1..T; 0 targets in epoch 1)
-  (1) y~_i      = (1 - alpha_t) onehot_C(y_i)         + alpha_t P[i]
-  (2) q~_{l,i,k} = (1 - alpha_t) onehot_MC(y_i M + k) + alpha_t Q_l[i, k]
+  alpha_t    = alpha_T * t / T                        (epoch t = 1..T; hard targets in epoch 1)
+  (1) y~_i       = (1 - alpha_t) onehot_C(y_i)         + alpha_t P[i]
+  (2) q~_{l,i,k} = (1 - alpha_t) onehot_MC(y_i M + k)  + alpha_t Q_l[i, k]
   (4) L_final = mean_i CE(z_i, y~_i)
   (5) L_hier  = sum_l mean_rows CE(s_l, q~_l)
   (7) L_KL    = sum_{l<S} tau^2 KL(softmax(s_S/tau)[detached] || softmax(s_l/tau))
   (8) L_feat  = sum_l mean_rows ||h_l - h[detached]||^2 / dim(h)
-      L = L_final + beta L_hier + w_KL L_KL + gamma L_feat
+      L = L_final + beta L_hier + w_KL L_KL + gamma L_feat   (Eqs. 6, 9)
 
-Logged terms: ``final``, ``hier``, ``kl``, ``feat`` (already weighted).
+P and Q_l are the previous epoch's predictions, written after each optimiser step
+(``after_step``) into a per-sample store (methods/store.py). Logged terms: ``final``,
+``hier``, ``kl``, ``feat`` (already weighted). At inference the branches are dropped.
 
-Robustness options (issue 9; all off in the ``paper`` profile):
-  ``alpha_mode``: ``linear`` (paper) | ``fit`` (alpha_t scaled by the previous
-  epoch's training top-1, so a model that fits little of its data trusts its
-  own predictions little) | ``confidence`` (per sample, alpha_t * P[i, y_i]).
-  ``aux_rampup_epochs``: linear ramp of beta, KL and gamma from 0 over that many epochs.
-  ``normalize_aux``: average (not sum) the hier/KL/feat terms over branches.
-  ``branch_grad``: scale of the gradient the branches send into the backbone
-  (1 = paper; 0 = branches learn on detached stage features).
-  ``gate``: ``none`` (paper) | ``fit``: self-distillation switches itself on as the
-  model starts to fit its training data. With f = previous epoch's training top-1
-  (0 in epoch 1) and g = clip((f - gate_floor) / (1 - gate_floor), 0, 1), every
-  alpha_t is multiplied by g and the gradient the branches send into the backbone
-  by g. Below the floor the backbone trains exactly like CE (the branches keep
-  learning on detached features, ready for when the gate opens). Regularisers pay
-  off only once a model fits its data (docs/robust.md).
-  ``gap``: the fit gate times an over-fitting gate read on the held-out split
-  (``data.val_fraction`` > 0, never the test set): with v = held-out top-1 after the
-  previous epoch, g = g_fit * clip((f - v - gap_floor) / gap_width, 0, 1). A model
-  that fits its data and generalises as well (f - v small) keeps training as CE;
-  one that fits its training data better than unseen data gets self-distillation.
-  ``auto``: ``gap`` when the run has a held-out split, ``fit`` otherwise.
-  ``branches_when_shut``: ``train`` (the branches keep learning on detached features
-  while the gate is shut, g = 0) | ``skip``: a shut epoch runs the identity view through
-  the backbone only, a step at CE's cost; the branches start learning when the gate opens
-  (about a point behind ``train`` on held-out data, results/overfit-suite).
-  ``bn_views``: ``shared`` (paper: batch norm sees all views as one batch) |
-  ``split``: the backbone runs the identity view and the transformed views as two
-  batches; batch norm normalises each with its own statistics and only the identity
-  view updates the running statistics, which then describe upright inputs as used at
-  test time.
-
-Scale options (issue 5; docs/scale.md):
-  ``store``: ``auto`` | ``dense`` | ``topk`` soft-target store layout (methods/store.py);
-  ``store_topk`` k of the sparse store; ``store_budget_gb`` (auto with a budget > 0
-  picks dense fp32, then dense fp16, then top-k, whichever fits first);
-  ``store_on_host`` keeps the store in CPU memory while the model trains on a GPU.
-  ``views_per_step`` V (0 = all M, the paper): each step runs the identity view plus
-  V - 1 other views drawn without replacement (the same for the whole batch, by a
-  step counter, so DDP ranks agree and resume repeats the draw). Joint labels,
-  L_hier, L_KL and L_feat then cover those V*B rows only, and only the chosen
-  views' store rows are rewritten; the others keep their previous predictions.
-  The backbone + branch cost per step falls by about V / M.
-
-Store under CutMix (issue 18): ``store_mixed``: ``skip`` (default): a CutMix-ed batch
-reads its targets from the store but writes nothing, so every row keeps the prediction
-of the last unmixed batch that held the sample (a mixed image's prediction carries the
-pasted image's class into the next epoch's target) | ``store``: mixed batches write their
-predictions too (the behaviour before this option; PS-KD's official code does this).
-``skip`` with ``data.augment.cutmix_prob >= 1`` is a config error (nothing would be stored).
+PS-KD, HSAKD's SAD-CE and the robust and recommended profiles are switch settings of the
+same class (the variants at the end of this file), so each profile reads as a diff of the
+same defaults. The options beyond the paper are explained where they were measured:
+safeguards for small models and short budgets (``gate``, ``bn_views``, ``alpha_mode``,
+``normalize_aux``, ``branch_grad``, ``aux_rampup_epochs``, ``branches_when_shut``,
+``store_mixed``) in docs/robust.md; memory and cost (``store*``, ``views_per_step``) in
+docs/scale.md; every key with its default in docs/config.md.
 """
 from __future__ import annotations
 
@@ -77,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
 from ..engine.distributed import all_gather_cat
 from ..engine.profile import count_macs
+from ..errors import ConfigError
 from .base import Method, register_method
 from .branch import Branch, frozen_bn_stats, scale_grad
+from .gate import FitGapGate
 from .losses import (feature_loss, joint_class_logits, joint_labels, kl_div, mix_targets,
-                     soft_cross_entropy)
+                     progressive_target, soft_cross_entropy)
 from .store import choose_store, build_store
 from .transforms import ViewFamily, build_views
 
@@ -146,12 +105,9 @@ class LSSKD(Method):
         if not (-1.0 < c["gap_floor"] < 1.0 and c["gap_width"] > 0.0):
             raise ConfigError(f"method.gap_floor must be in (-1, 1) and method.gap_width > 0, got "
                               f"{c['gap_floor']} and {c['gap_width']}")
-        has_val = self.context.has_val
-        self.gate_mode = c["gate"] if c["gate"] != "auto" else ("gap" if has_val else "fit")
-        if self.gate_mode == "gap" and not has_val:
-            raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
-                              "(e.g. 0.1), or use method.gate=fit")
-        self.wants_val = self.gate_mode == "gap"
+        self.gating = FitGapGate(c["gate"], self.context.has_val, c["gate_floor"], c["gap_floor"],
+                                 c["gap_width"])
+        self.wants_val = self.gating.wants_val
         if c["branches_when_shut"] == "skip" and self.gate_mode == "none":
             raise ConfigError("method.branches_when_shut=skip acts only behind a gate: set method.gate "
                               "to fit, gap or auto, or leave branches_when_shut=train")
@@ -182,42 +138,25 @@ class LSSKD(Method):
         self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],
                                          c["store_budget_gb"])
         self.store = build_store(n, self.num_classes, sb, M, self.store_choice, c["store_on_host"])
-        self.register_buffer("fit_acc", torch.tensor(0.0))
-        # Held-out top-1 after the previous epoch (gate=gap); 1 = "no evidence of a gap yet".
-        self.register_buffer("val_acc", torch.tensor(1.0))
         self._pending = None
 
-    # --- schedule ------------------------------------------------------------
+    # --- schedule (alpha_t, the gate) ------------------------------------------
+    @property
+    def gate_mode(self) -> str:
+        return self.gating.mode
+
+    def gate(self) -> float:
+        """g in [0, 1] (1 with gate=none): how far self-distillation acts on the backbone."""
+        return self.gating.value()
+
     def alpha(self) -> float:
         """alpha_t for the current epoch (before any per-sample scaling)."""
         if not self.uses_store:
             return 0.0
         a = self.cfg["alpha_T"] * self.epoch / max(1, self.total_epochs)
         if self.cfg["alpha_mode"] == "fit":
-            a *= float(self.fit_acc)
+            a *= float(self.gating.fit_acc)
         return a * self.gate()
-
-    def gate(self) -> float:
-        """g in [0, 1] (1 with gate=none): how far self-distillation acts on the backbone."""
-        if self.gate_mode == "none":
-            return 1.0
-        c, f = self.cfg, float(self.fit_acc)
-        g = min(1.0, max(0.0, (f - c["gate_floor"]) / (1.0 - c["gate_floor"])))
-        if self.gate_mode == "gap":
-            g *= min(1.0, max(0.0, (f - float(self.val_acc) - c["gap_floor"]) / c["gap_width"]))
-        return g
-
-    def summary_notes(self, summary: Dict) -> List[str]:
-        """A gate that never opened (``gate_max`` 0) made the run plain cross-entropy."""
-        if summary.get("gate_max") != 0.0:
-            return []
-        c = self.cfg
-        why = f"training top-1 stayed below method.gate_floor={c['gate_floor']}"
-        if self.gate_mode == "gap":
-            why += (f", or the train-minus-held-out gap below method.gap_floor={c['gap_floor']}")
-        return [f"the {summary.get('method', 'lsskd')} gate never opened ({why}), so the backbone "
-                "trained as with plain cross-entropy; method=ce gives the same model at a fraction "
-                "of the cost"]
 
     def aux_scale(self) -> float:
         r = self.cfg["aux_rampup_epochs"]
@@ -229,14 +168,17 @@ class LSSKD(Method):
             out["gate"] = self.gate()
         return out
 
+    def summary_notes(self, summary: Dict) -> List[str]:
+        return self.gating.never_opened_note(summary)
+
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
-        # Training top-1 of the finished epoch drives alpha_mode=fit next epoch.
-        self.fit_acc.fill_(train_stats.get("top1", 0.0) / 100.0)
+        # The finished epoch's training top-1 drives the gate and alpha_mode=fit next epoch.
+        self.gating.record_fit(train_stats)
 
     def on_validation(self, val_stats: Dict[str, float]) -> None:
-        self.val_acc.fill_(val_stats["top1"] / 100.0)
+        self.gating.record_val(val_stats)
 
-    # --- forward ---------------------------------------------------------------
+    # --- views of a step -----------------------------------------------------------
     def step_views(self) -> List[int] | None:
         """Views of this training step (None = all M): identity + V-1 others, drawn from a
         generator seeded by the step counter (identical on every DDP rank)."""
@@ -255,12 +197,17 @@ class LSSKD(Method):
         self._view_step = int(state.get("view_step", 0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before views_per_step / gate=gap existed lack these entries.
+        # Older checkpoints: no view counter (before views_per_step), the gate's state at the
+        # method's top level (before the gate helper), no val_acc (before gate=gap).
         state_dict.setdefault(prefix + "_extra_state", {"view_step": 0})
-        if prefix + "fit_acc" in state_dict:
-            state_dict.setdefault(prefix + "val_acc", torch.tensor(1.0))
+        for name in ("fit_acc", "val_acc"):
+            if prefix + name in state_dict:
+                state_dict[prefix + "gating." + name] = state_dict.pop(prefix + name)
+        if prefix + "gating.fit_acc" in state_dict:
+            state_dict.setdefault(prefix + "gating.val_acc", torch.tensor(1.0))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    # --- forward -------------------------------------------------------------------
     def forward_all(self, x: torch.Tensor, views: List[int] | None = None):
         """Views -> backbone once -> (z on identity view, h on the views, [(h_l, s_l)]).
         ``views`` (identity first) restricts the stacked batch to those views."""
@@ -284,74 +231,93 @@ class LSSKD(Method):
         return ([torch.cat([a, b]) for a, b in zip(up[0], rest[0])],
                 torch.cat([up[1], rest[1]]), torch.cat([up[2], rest[2]]))
 
-    def soft_target(self, hard: torch.Tensor, prev: torch.Tensor, filled: torch.Tensor,
-                    alpha: float, conf: torch.Tensor | None = None) -> torch.Tensor:
-        """(1 - a) hard + a prev, with a = 0 on rows that have no stored prediction."""
-        a = torch.full((hard.shape[0], 1), alpha, device=hard.device)
+    def row_alpha(self, filled: torch.Tensor, alpha: float, conf: torch.Tensor | None) -> torch.Tensor:
+        """Each row's alpha of Eqs. (1)-(2), shape (rows, 1): alpha_t, times the stored
+        confidence P[i, y_i] with alpha_mode=confidence, and 0 where nothing is stored yet."""
+        a = torch.full((filled.shape[0], 1), alpha, device=filled.device)
         if conf is not None:
             a = a * conf[:, None]
-        a = a * filled[:, None].to(a.dtype)
-        return (1 - a) * hard + a * prev
+        return a * filled[:, None].to(a.dtype)
 
     def train_forward(self, x, y, idx, mix):
-        c, M, C = self.cfg, self.num_views, self.num_classes
-        B = x.shape[0]
         if self.may_leave_params_unused and self.gate() == 0.0:
             # Shut gate, branches skipped: the identity view through the backbone, CE's step.
-            views, outs = None, []
-            z = self.backbone(x)
+            views, z, h, outs = None, self.backbone(x), None, []
         else:
             views = self.step_views() if len(self.aux) else None
             z, h, outs = self.forward_all(x, views)
+        final_target, branch_targets = self.targets(y, idx, views, len(outs))
+        losses = {"final": soft_cross_entropy(z, mix_targets(final_target, mix))}  # (4)
+        if outs:
+            losses.update(self.branch_losses(h, outs, branch_targets, mix, views))
+        self._stash_predictions(idx, z, outs, views, mix)
+        return z, losses
+
+    def targets(self, y, idx, views, num_branches: int):
+        """The targets of this batch: Eq. (1) for the final head, Eq. (2) for each branch's
+        rows (view-major, the step's views); hard labels where softening is off."""
+        c, M, C = self.cfg, self.num_views, self.num_classes
         V = M if views is None else len(views)
         alpha = self.alpha()
         onehot = F.one_hot(y, C).float()
-        conf = None
+        final, conf = onehot, None
         if self.uses_store:
             prev_p, filled = self.store.get_final(idx)
             if c["alpha_mode"] == "confidence":
                 conf = prev_p.gather(1, y[:, None]).squeeze(1)
-        if self.uses_store and c["soften_final"]:
-            target = self.soft_target(onehot, prev_p, filled, alpha, conf)
-        else:
-            target = onehot
-        losses = {"final": soft_cross_entropy(z, mix_targets(target, mix))}
-        if outs:
-            w = self.aux_scale()
-            norm = len(outs) if c["normalize_aux"] else 1
-            joint = joint_labels(y, M, views)
-            hard_q = F.one_hot(joint, M * C).float()
+            if c["soften_final"]:
+                final = progressive_target(onehot, prev_p, self.row_alpha(filled, alpha, conf))  # (1)
+        if not num_branches:
+            return final, []
+        hard_q = F.one_hot(joint_labels(y, M, views), M * C).float()
+        if not (self.uses_store and c["soften_branches"]):
+            return final, [hard_q] * num_branches
+        conf_v = None if conf is None else conf.repeat(V)
+        filled_v = self.store.branch_filled(idx, views)
+        return final, [progressive_target(hard_q, self.store.get_branch(l, idx, views),  # (2)
+                                          self.row_alpha(filled_v, alpha, conf_v))
+                       for l in range(num_branches)]
+
+    def branch_losses(self, h, outs, branch_targets, mix, views) -> Dict[str, torch.Tensor]:
+        """Eqs. (5), (7), (8), weighted (Eqs. 6, 9): the branches' joint labels, the deepest
+        branch teaching the shallower ones, and feature consistency with the final layer."""
+        c = self.cfg
+        V = self.num_views if views is None else len(views)
+        w = self.aux_scale()
+        S = len(outs)
+        norm = S if c["normalize_aux"] else 1
+        losses = {}
+        if c["beta"] > 0:
             hier = 0.0
-            for l, (_, s) in enumerate(outs):
-                if self.uses_store and c["soften_branches"]:
-                    q = self.soft_target(hard_q, self.store.get_branch(l, idx, views),
-                                         self.store.branch_filled(idx, views), alpha,
-                                         None if conf is None else conf.repeat(V))
-                else:
-                    q = hard_q
-                hier = hier + soft_cross_entropy(s, mix_targets(q, mix, group=V))
-            if c["beta"] > 0:
-                losses["hier"] = c["beta"] * w * hier / norm
-            S = len(outs)
-            if c["kl_weight"] > 0 and S > 1:
-                kl = 0.0
-                for l in range(S - 1):
-                    teacher = outs[-1][1] if c["kl_mode"] == "deepest" else outs[l + 1][1]
-                    kl = kl + kl_div(outs[l][1], teacher, c["tau"])
-                losses["kl"] = c["kl_weight"] * w * kl / (S - 1 if c["normalize_aux"] else 1)
-            if c["gamma"] > 0:
-                feat = sum(feature_loss(hl, h, per_dim=True) for hl, _ in outs)
-                losses["feat"] = c["gamma"] * w * feat / norm
+            for (_, s), q in zip(outs, branch_targets):
+                hier = hier + soft_cross_entropy(s, mix_targets(q, mix, group=V))  # (5)
+            losses["hier"] = c["beta"] * w * hier / norm
+        if c["kl_weight"] > 0 and S > 1:
+            kl = 0.0
+            for l in range(S - 1):
+                teacher = outs[-1][1] if c["kl_mode"] == "deepest" else outs[l + 1][1]
+                kl = kl + kl_div(outs[l][1], teacher, c["tau"])  # (7)
+            losses["kl"] = c["kl_weight"] * w * kl / (S - 1 if c["normalize_aux"] else 1)
+        if c["gamma"] > 0:
+            feat = sum(feature_loss(hl, h, per_dim=True) for hl, _ in outs)  # (8)
+            losses["feat"] = c["gamma"] * w * feat / norm
+        return losses
+
+    def _stash_predictions(self, idx, z, outs, views, mix) -> None:
+        """Keep this step's detached predictions (P, and Q_l for the step's views) for
+        ``after_step`` to write; CutMix-ed batches write nothing unless store_mixed=store."""
         self._pending = None
-        if self.uses_store and (mix is None or c["store_mixed"] == "store"):
-            with torch.no_grad():
-                p_new = F.softmax(z.detach().float(), -1)
-                q_new = None
-                if self.store.num_branches and outs:
-                    q_new = torch.stack([F.softmax(s.detach().float(), -1).view(V, B, M * C).transpose(0, 1)
-                                         for _, s in outs])
-            self._pending = (idx.detach(), p_new, q_new, views)
-        return z, losses
+        if not self.uses_store or (mix is not None and self.cfg["store_mixed"] != "store"):
+            return
+        M, C, B = self.num_views, self.num_classes, z.shape[0]
+        V = M if views is None else len(views)
+        with torch.no_grad():
+            p_new = F.softmax(z.detach().float(), -1)
+            q_new = None
+            if self.store.num_branches and outs:
+                q_new = torch.stack([F.softmax(s.detach().float(), -1).view(V, B, M * C).transpose(0, 1)
+                                     for _, s in outs])
+        self._pending = (idx.detach(), p_new, q_new, views)
 
     def after_step(self) -> None:
         """Commit this step's predictions (after the optimiser step, METHOD.md). Under DDP every
@@ -375,10 +341,6 @@ class LSSKD(Method):
         feats, _, logits = self.backbone.forward_features(x)
         return logits, {f"branch{l + 1}": joint_class_logits(br(feats[l])[1], self.num_views)
                         for l, br in enumerate(self.aux)}
-
-    @torch.no_grad()
-    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.eval_forward(x)[1]
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the step's views (M, or views_per_step) through
