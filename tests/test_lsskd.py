@@ -369,3 +369,123 @@ def test_robust_profile_is_the_paper_method_plus_gate_split_bn_and_normalised_au
     diff = {k for k in paper.cfg if paper.cfg[k] != robust.cfg[k]}
     assert diff == {"gate", "bn_views", "normalize_aux"}
     assert (robust.cfg["gate"], robust.cfg["bn_views"], robust.cfg["normalize_aux"]) == ("auto", "split", True)
+
+
+# --- the deployed head's teacher and the ceiling it chases (issue 27) ----------------------
+def test_aggregate_views_golden():
+    from lsskd.methods.losses import aggregate_views
+
+    # M = 2 views, C = 2 classes, B = 1: joint slots [c0k0, c0k1, c1k0, c1k1].
+    joint = torch.tensor([[1.0, 9.0, 3.0, 9.0],    # view 0: class scores at slots 0, 2 -> (1, 3)
+                          [9.0, 5.0, 9.0, 2.0]])   # view 1: slots 1, 3 -> (5, 2)
+    assert aggregate_views(joint, 2).tolist() == [[3.0, 2.5]]
+    assert aggregate_views(joint[1:], 2, views=[1]).tolist() == [[5.0, 2.0]]
+
+
+def _manual_agg(m, x, level, views=None):
+    """Branch ``level``'s aggregated class scores by running each view on its own."""
+    M = m.num_views
+    views = list(range(M)) if views is None else views
+    B = x.shape[0]
+    rows = []
+    for k in views:
+        xk = m.views(x)[k * B:(k + 1) * B]
+        feats = m.backbone.forward_features(xk)[0]
+        rows.append(m.aux[level](feats[level])[1][:, k::M])
+    return torch.stack(rows).mean(0)
+
+
+def test_eval_reports_view_aggregated_branches_and_the_ensemble():
+    m = make("lsskd")
+    m.eval()
+    x, _, _ = _batch()
+    logits, outs = m.eval_forward(x)
+    assert sorted(outs) == ["agg1", "agg2", "agg3", "branch1", "branch2", "branch3", "ensemble"]
+    with torch.no_grad():
+        for l in range(3):
+            assert torch.allclose(outs[f"agg{l + 1}"], _manual_agg(m, x, l), atol=1e-5)
+        ens = torch.stack([F.softmax(logits, 1)] + [F.softmax(outs[f"agg{l}"], 1) for l in (1, 2, 3)]).mean(0)
+    assert torch.allclose(outs["ensemble"], ens, atol=1e-6)
+    assert torch.allclose(outs["ensemble"].sum(1), torch.ones(4), atol=1e-5)
+    # last: only at the last epoch; off: never (the upright branches stay).
+    m2 = make("lsskd", eval_aggregate="last")
+    m2.eval()
+    m2.on_epoch_start(1, 3)
+    assert sorted(m2.eval_forward(x)[1]) == ["branch1", "branch2", "branch3"]
+    m2.on_epoch_start(3, 3)
+    assert "ensemble" in m2.eval_forward(x)[1]
+    assert "agg1" not in make("lsskd", eval_aggregate="off").eval().eval_forward(x)[1]
+
+
+def test_head_teacher_from_the_step_is_sla_self_distillation():
+    m = make("sad_ce", head_teacher="deepest", head_tau=2.0, head_weight=0.5)
+    m.train()
+    x, y, idx = _batch()
+    z, losses = m(x, y, idx)
+    assert set(losses) == {"final", "hier", "head"}
+    # Hand computation: teacher = the deepest branch's logits averaged over the 4 rotations at
+    # each class's slot, then 0.5 * T^2 KL(softmax(agg / T) || softmax(z / T)), T = 2.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        _, _, outs = m.forward_all(x)
+        s = outs[-1][1]
+        agg = torch.stack([s[k * 4:(k + 1) * 4, k::4] for k in range(4)]).mean(0)
+        p, logq = F.softmax(agg / 2, 1), F.log_softmax(z / 2, 1)
+        want = 0.5 * 4 * (p * (p.log() - logq)).sum(1).mean()
+    assert float(losses["head"]) == pytest.approx(float(want), rel=1e-5)
+    # The teacher carries no gradient: the head term moves the backbone, never the branches.
+    m.zero_grad()
+    losses["head"].backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in m.aux.parameters())
+    assert float(m.backbone.classifier.weight.grad.abs().sum()) > 0
+
+
+def test_head_teacher_ensemble_and_views_per_step():
+    m = make("sad_ce", head_teacher="branches_head", views_per_step=2)
+    m.train()
+    x, y, idx = _batch()
+    views = m.step_views()
+    m._view_step = 0  # the forward draws the same views again
+    with torch.no_grad():
+        z, _, outs = m.forward_all(x, views)
+    from lsskd.methods.losses import aggregate_views
+    teacher = m.head_teacher(z, outs, idx, views)
+    parts = [aggregate_views(s, 4, views) for _, s in outs] + [z]
+    assert torch.allclose(teacher, torch.stack(parts).mean(0), atol=1e-6)
+    assert len(views) == 2 and views[0] == 0
+
+
+def test_head_teacher_from_the_store_uses_every_stored_view():
+    m = make("lsskd_selfsup", head_teacher="deepest", head_teacher_source="store", gate="none",
+             num_train=8)
+    assert m.uses_store and not m.softens and m.store.num_branches == 3 and m.alpha() == 0.0
+    m.train()
+    x, y, idx = _batch()
+    z, losses = m(x, y, idx)
+    # Nothing stored yet: every row teaches itself, a zero term with zero gradient.
+    assert float(losses["head"]) == pytest.approx(0.0, abs=1e-7)
+    sum(losses.values()).backward()
+    m.after_step()
+    views_written = m._view_step  # one step, identity + one other view
+    q = m.store.get_branch(2, idx)  # (4 * 4, 40), view-major
+    have = m.store.branch_filled(idx).view(4, 4)
+    assert views_written == 1 and have[0].all() and int(have.sum()) == 8
+    teacher = m.head_teacher(z, [(None, None)] * 3, idx, None)
+    logq = q.clamp_min(1e-12).log()
+    ks = [k for k in range(4) if have[k, 0]]
+    want = torch.stack([logq[k * 4:(k + 1) * 4, k::4] for k in ks]).mean(0)
+    assert torch.allclose(teacher, want, atol=1e-6)
+    with pytest.raises(Exception, match="num_train"):
+        make("sad_ce", head_teacher="deepest", head_teacher_source="store", num_train=0)
+
+
+def test_head_teacher_waits_behind_a_shut_gate():
+    m = make("lsskd_selfsup", head_teacher="deepest")
+    m.train()
+    m.on_epoch_start(2, 4)  # training top-1 0 so far: the fit gate is shut
+    x, y, idx = _batch()
+    _, losses = m(x, y, idx)
+    assert "head" not in losses
+    m.on_epoch_end({"top1": 100.0})
+    _, losses = m(x, y, idx)
+    assert "head" in losses

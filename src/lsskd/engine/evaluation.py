@@ -56,6 +56,6 @@ def evaluate_checkpoint(path, split="test", device="auto", overrides=None, weigh
            f"{split}_top1": res["top1"], f"{split}_top5": res["top5"], f"{split}_loss": res["loss"],
            "params_deployed": count_params(method.deploy())}
     for k, v in res.items():
-        if k.startswith("branch"):
+        if k.startswith(("branch", "agg", "ensemble")):
             out[k] = v
     return out

@@ -439,6 +439,13 @@ class Trainer:
         branches = sorted(k for k in last_eval if k.startswith("branch") and k.endswith("_top1"))
         if branches:
             summary["branch_top1"] = [last_eval[k] for k in branches]
+        # The ceiling the deployed head chases: view-aggregated branches and the ensemble.
+        aggs = sorted((k for k in last_eval if k.startswith("agg") and k.endswith("_top1")),
+                      key=lambda k: int(k[3:-5]))
+        if aggs:
+            summary["agg_top1"] = [last_eval[k] for k in aggs]
+        if "ensemble_top1" in last_eval:
+            summary["ensemble_top1"] = last_eval["ensemble_top1"]
         gates = [row["method_gate"] for row in self.rundir.metric_rows() if "method_gate" in row]
         if gates:
             summary["gate_max"] = max(gates)

@@ -88,6 +88,21 @@ def joint_class_logits(joint_logits: torch.Tensor, num_views: int, view: int = 0
     return joint_logits[:, view::num_views]
 
 
+def aggregate_views(joint: torch.Tensor, num_views: int, views: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Class scores aggregated over transformations (Lee, Hwang and Shin, "Self-supervised
+    Label Augmentation", ICML 2020, Sec. 2.3): for joint scores of stacked views (rows
+    view-major, as :func:`joint_labels`; ``views`` default all M),
+
+        agg_i[c] = (1 / V) sum_{k in views} s(t_k x_i)[c * M + k]
+
+    (B, C) from (V*B, M*C). Given logits it is SLA's aggregation; given log-probabilities
+    it differs from it by a constant per row, so softmax and argmax are the same."""
+    views = list(range(num_views)) if views is None else list(views)
+    b = joint.shape[0] // len(views)
+    parts = [joint[p * b:(p + 1) * b, k::num_views] for p, k in enumerate(views)]
+    return torch.stack(parts).mean(0)
+
+
 # --- distillation ---------------------------------------------------------------------
 def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
     """Temperature KL from a teacher given as logits (Hinton et al., "Distilling the

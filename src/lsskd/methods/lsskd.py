@@ -41,8 +41,8 @@ from ..errors import ConfigError
 from .base import Method, register_method
 from .branch import Branch, frozen_bn_stats, scale_grad
 from .gate import FitGapGate
-from .losses import (feature_loss, joint_class_logits, joint_labels, kl_div, mix_targets,
-                     progressive_target, soft_cross_entropy)
+from .losses import (aggregate_views, feature_loss, joint_class_logits, joint_labels, kl_div,
+                     mix_targets, progressive_target, soft_cross_entropy)
 from .store import choose_store, build_store
 from .transforms import ViewFamily, build_views
 
@@ -83,6 +83,11 @@ class LSSKD(Method):
         "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
         "last_branch": "stage",  # stage (HSAKD) | block (before issue 18): deepest branch's trunk
         "store_mixed": "skip",  # skip | store: what a CutMix-ed batch writes into the store
+        "head_teacher": "none",  # none | deepest | branches | branches_head: who teaches the deployed head
+        "head_teacher_source": "step",  # step | store: this step's views, or every view's stored rows
+        "head_tau": 1.0,  # temperature of the head-teaching KL (SLA: 1)
+        "head_weight": 1.0,  # weight of the head-teaching KL
+        "eval_aggregate": "every",  # every | last | off: view-aggregated branch and ensemble scores
     }
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
@@ -97,7 +102,10 @@ class LSSKD(Method):
         for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
                              ("last_branch", ("stage", "block")),
                              ("branches_when_shut", ("train", "skip")),
-                             ("store_mixed", ("skip", "store"))):
+                             ("store_mixed", ("skip", "store")),
+                             ("head_teacher", ("none", "deepest", "branches", "branches_head")),
+                             ("head_teacher_source", ("step", "store")),
+                             ("eval_aggregate", ("every", "last", "off"))):
             if c[key] not in allowed:
                 raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
         if not 0.0 <= c["gate_floor"] < 1.0:
@@ -128,13 +136,21 @@ class LSSKD(Method):
             raise ConfigError(f"method.views_per_step must be in [0, {M}] (0 = all views), got {V}")
         self.views_per_step = M if V == 0 else V
         self._view_step = 0
-        self.uses_store = c["alpha_T"] > 0 and self.num_train > 0
+        # The store holds previous-epoch predictions for softening (Eqs. 1-2) and, with
+        # head_teacher_source=store, every view's branch rows for the head's teacher.
+        self.softens = c["alpha_T"] > 0 and self.num_train > 0
+        self.store_teacher = bool(S) and c["head_teacher"] != "none" and c["head_teacher_source"] == "store"
+        if self.store_teacher and self.num_train <= 0:
+            raise ConfigError("method.head_teacher_source=store keeps a row per training sample: the "
+                              "method needs the training set size (num_train), or use head_teacher_source=step")
+        self.uses_store = self.softens or self.store_teacher
         if self.uses_store and c["store_mixed"] == "skip" and self.context.cutmix_prob >= 1.0:
             raise ConfigError("method.store_mixed=skip keeps CutMix-ed batches out of the soft-target "
                               f"store, but data.augment.cutmix_prob={self.context.cutmix_prob} mixes "
                               "every batch, so nothing would ever be stored: lower cutmix_prob or set "
                               "method.store_mixed=store")
-        n, sb = (self.num_train if self.uses_store else 0), (S if c["soften_branches"] else 0)
+        n = self.num_train if self.uses_store else 0
+        sb = S if (c["soften_branches"] and self.softens) or self.store_teacher else 0
         self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],
                                          c["store_budget_gb"])
         self.store = build_store(n, self.num_classes, sb, M, self.store_choice, c["store_on_host"])
@@ -151,7 +167,7 @@ class LSSKD(Method):
 
     def alpha(self) -> float:
         """alpha_t for the current epoch (before any per-sample scaling)."""
-        if not self.uses_store:
+        if not self.softens:
             return 0.0
         a = self.cfg["alpha_T"] * self.epoch / max(1, self.total_epochs)
         if self.cfg["alpha_mode"] == "fit":
@@ -250,6 +266,15 @@ class LSSKD(Method):
         losses = {"final": soft_cross_entropy(z, mix_targets(final_target, mix))}  # (4)
         if outs:
             losses.update(self.branch_losses(h, outs, branch_targets, mix, views))
+            g = self.gate()
+            if self.cfg["head_teacher"] != "none" and g > 0:
+                # The deployed head learns what the branches know (SLA's self-distillation);
+                # behind the gate like every other self-distillation term.
+                teacher = self.head_teacher(z, outs, idx, views)
+                if self.cfg["head_teacher_source"] == "store":
+                    teacher = mix_targets(teacher, mix)  # stored rows are per sample: mix them as the images
+                losses["head"] = (self.cfg["head_weight"] * self.aux_scale() * g
+                                  * kl_div(z, teacher, self.cfg["head_tau"]))
         self._stash_predictions(idx, z, outs, views, mix)
         return z, losses
 
@@ -261,7 +286,7 @@ class LSSKD(Method):
         alpha = self.alpha()
         onehot = F.one_hot(y, C).float()
         final, conf = onehot, None
-        if self.uses_store:
+        if self.softens:
             prev_p, filled = self.store.get_final(idx)
             if c["alpha_mode"] == "confidence":
                 conf = prev_p.gather(1, y[:, None]).squeeze(1)
@@ -270,7 +295,7 @@ class LSSKD(Method):
         if not num_branches:
             return final, []
         hard_q = F.one_hot(joint_labels(y, M, views), M * C).float()
-        if not (self.uses_store and c["soften_branches"]):
+        if not (self.softens and c["soften_branches"]):
             return final, [hard_q] * num_branches
         conf_v = None if conf is None else conf.repeat(V)
         filled_v = self.store.branch_filled(idx, views)
@@ -303,6 +328,40 @@ class LSSKD(Method):
             losses["feat"] = c["gamma"] * w * feat / norm
         return losses
 
+    @torch.no_grad()
+    def head_teacher(self, z, outs, idx, views) -> torch.Tensor:
+        """The deployed head's teacher, detached, (B, C) logits (or log-probabilities):
+
+          deepest:        agg_S = (1/V) sum_k s_S(t_k x)[c M + k]       (SLA, Lee et al. 2020)
+          branches:       (1/S) sum_l agg_l
+          branches_head:  (agg_1 + ... + agg_S + z) / (S + 1)
+
+        From this step's views (``head_teacher_source=step``; with views_per_step < M only
+        those), or from the store's previous-epoch rows of every view (``store``; log of the
+        stored probabilities, over the views stored so far; a row with none stored yet is
+        taught by its own logits, which adds no loss and no gradient)."""
+        c, M = self.cfg, self.num_views
+        levels = [len(outs) - 1] if c["head_teacher"] == "deepest" else list(range(len(outs)))
+        if c["head_teacher_source"] == "step":
+            parts = [aggregate_views(outs[l][1].detach().float(), M, views) for l in levels]
+            if c["head_teacher"] == "branches_head":
+                parts.append(z.detach().float())
+            return torch.stack(parts).mean(0)
+        B = len(idx)
+        have = self.store.branch_filled(idx).view(M, B).float()  # views stored per sample
+        n = have.sum(0)
+        parts = []
+        for l in levels:
+            logq = self.store.get_branch(l, idx).clamp_min(1e-12).log()
+            per_view = torch.stack([logq[k * B:(k + 1) * B, k::M] for k in range(M)])
+            parts.append((per_view * have[:, :, None]).sum(0) / n.clamp_min(1.0)[:, None])
+        if c["head_teacher"] == "branches_head":
+            parts.append(self.store.get_final(idx)[0].clamp_min(1e-12).log())
+        teacher = torch.stack(parts).mean(0)
+        none = n == 0
+        teacher[none] = z.detach().float()[none]
+        return teacher
+
     def _stash_predictions(self, idx, z, outs, views, mix) -> None:
         """Keep this step's detached predictions (P, and Q_l for the step's views) for
         ``after_step`` to write; CutMix-ed batches write nothing unless store_mixed=store."""
@@ -334,13 +393,28 @@ class LSSKD(Method):
     # --- evaluation / deployment ------------------------------------------------
     @torch.no_grad()
     def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """(final logits, branch l's class scores on upright images: joint logits at labels
-        c*M + 0), from one backbone pass."""
+        """(final logits, extra heads' class scores): ``branch{l}``, branch l on upright inputs
+        (joint logits at labels c*M + 0), from the same backbone pass; with ``eval_aggregate``
+        also ``agg{l}``, branch l aggregated over all M views (:func:`aggregate_views`; M - 1
+        more passes), and ``ensemble``, the mean of the softmax of the final head and of every
+        ``agg{l}``: the accuracy the branches hold that the deployed head could learn."""
         if not len(self.aux):
             return self(x), {}
+        M = self.num_views
         feats, _, logits = self.backbone.forward_features(x)
-        return logits, {f"branch{l + 1}": joint_class_logits(br(feats[l])[1], self.num_views)
-                        for l, br in enumerate(self.aux)}
+        upright = [br(feats[l])[1] for l, br in enumerate(self.aux)]
+        outs = {f"branch{l + 1}": joint_class_logits(s, M) for l, s in enumerate(upright)}
+        mode = self.cfg["eval_aggregate"]
+        if mode == "off" or (mode == "last" and self.epoch < self.total_epochs):
+            return logits, outs
+        others = self.backbone.forward_features(self.views(x)[x.shape[0]:])[0]
+        probs = [F.softmax(logits.float(), -1)]
+        for l, br in enumerate(self.aux):
+            agg = aggregate_views(torch.cat([upright[l], br(others[l])[1]]).float(), M)
+            outs[f"agg{l + 1}"] = agg
+            probs.append(F.softmax(agg, -1))
+        outs["ensemble"] = torch.stack(probs).mean(0)
+        return logits, outs
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the step's views (M, or views_per_step) through
