@@ -513,3 +513,25 @@ def test_report_refuses_a_seed_repeated_in_two_folders_unless_allowed(fake_runs,
     rep = build_report([fake_runs, tmp_path / "elsewhere"], tmp_path / "r2", plots=False)
     ce = next(g for g in rep.groups if g.label == "ce (train_fraction=1)")
     assert sorted(ce.stats["seeds"]) == [0, 1, 2, 5] and rep.repeats == []
+
+
+def test_report_shows_the_ceiling_the_head_chases(tmp_path):
+    """Runs that logged view-aggregated branches and the ensemble (issue 27) get a ceiling
+    table: means over seeds, and the deepest branch's lead over the deployed head per seed."""
+    root = tmp_path / "results"
+    for s, t1 in enumerate([60.0, 64.0]):
+        d = make_run(root, "sad_ce", "sad_ce", s, t1, 90.0, t1, 2, branches=[40.0, 50.0, 63.0 + s])
+        summary = json.loads((d / "summary.json").read_text())
+        summary.update({"agg_top1": [45.0 + s, 55.0, 66.0 + 3 * s], "ensemble_top1": 68.0 + 2 * s})
+        (d / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "rep"
+    build_report([root], out)
+    row = read_csv(out / "report.csv")[0]
+    assert [float(v) for v in row["agg_top1_mean"].split()] == [45.5, 55.0, 67.5]
+    assert float(row["ensemble_top1_mean"]) == 69.0
+    md = (out / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| sad_ce") and "67.50" in ln)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # branch 3 agg 66/69 -> 67.50 ± 2.12; ensemble 68/70 -> 69.00 ± 1.41; head 60/64;
+    # deepest - head: 3 and 0 -> 1.50 ± 2.12
+    assert cells[3:] == ["67.50 ± 2.12", "69.00 ± 1.41", "62.00 ± 2.83", "1.50 ± 2.12"]

@@ -45,6 +45,13 @@ def compute_stats(groups: Sequence[Group]) -> None:
         branches = [x.get("branch_top1") for x in s if x.get("branch_top1")]
         if branches and len({len(b) for b in branches}) == 1:
             st["branches"] = [mean_std([b[i] for b in branches]) for i in range(len(branches[0]))]
+        aggs = [x.get("agg_top1") for x in s if x.get("agg_top1")]
+        if aggs and len(aggs) == len(s) and len({len(a) for a in aggs}) == 1:
+            st["aggs"] = [mean_std([a[i] for a in aggs]) for i in range(len(aggs[0]))]
+            st["ensemble"] = mean_std([x.get("ensemble_top1") for x in s])
+            # What the deployed head leaves behind: deepest branch (upright) minus the head, per seed.
+            if st.get("branches"):
+                st["head_gap"] = mean_std([x["branch_top1"][-1] - x["test_top1"] for x in s])
         g.stats = st
 
 
@@ -109,7 +116,7 @@ CSV_COLUMNS = [
     "delta_top1_se", "paired_delta_top1", "paired_delta_se", "paired_n", "baseline", "top1_best_epoch_mean",
     "top1_best_epoch_std", "best_epoch_mean",
     "params_deployed", "params_train", "macs_deployed", "train_size", "train_seconds_mean",
-    "branch_top1_mean", "run_dirs",
+    "branch_top1_mean", "agg_top1_mean", "ensemble_top1_mean", "run_dirs",
 ]
 
 
@@ -142,6 +149,8 @@ def csv_rows(groups: Sequence[Group], baseline: Optional[str]) -> List[Dict[str,
             "train_size": "" if st["train_size"] is None else str(st["train_size"]),
             "train_seconds_mean": _num(st["train_seconds"][0], 1),
             "branch_top1_mean": " ".join(_num(m, 4) for m, _ in st.get("branches", [])),
+            "agg_top1_mean": " ".join(_num(m, 4) for m, _ in st.get("aggs", [])),
+            "ensemble_top1_mean": _num(st.get("ensemble", (None, None))[0], 4),
             "run_dirs": " ".join(str(r.path) for r in g.runs),
         })
     return rows
@@ -222,6 +231,23 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
             if "branches" in g.stats:
                 cells = [_pm(b) for b in g.stats["branches"]] + ["–"] * (width - len(g.stats["branches"]))
                 L.append(f"| {g.label} | " + " | ".join(cells) + f" | {_pm(g.stats['top1'])} |")
+        L.append("")
+    if any("aggs" in g.stats for g in groups):
+        L += ["## The ceiling: branches aggregated over all views, and the ensemble (last epoch)", "",
+              "Branch l aggregated: its joint logits averaged over the M views at each class's slot "
+              "(M forward passes). Ensemble: the mean softmax of the final head and every aggregated "
+              "branch. Neither ships; they are what the deployed head could learn. Deepest − head: "
+              "the deepest branch's upright top-1 minus the deployed head's, per seed.", ""]
+        width = max(len(g.stats.get("aggs", [])) for g in groups)
+        L.append("| Group | " + " | ".join(f"Branch {i + 1} agg." for i in range(width))
+                 + " | Ensemble | Final (deployed) | Deepest − head |")
+        L.append("|---|" + "---:|" * (width + 3))
+        for g in groups:
+            if "aggs" in g.stats:
+                cells = [_pm(a) for a in g.stats["aggs"]] + ["–"] * (width - len(g.stats["aggs"]))
+                gap = _pm(g.stats["head_gap"]) if "head_gap" in g.stats else "–"
+                L.append(f"| {g.label} | " + " | ".join(cells)
+                         + f" | {_pm(g.stats['ensemble'])} | {_pm(g.stats['top1'])} | {gap} |")
         L.append("")
     if plots:
         L += ["## Plots", ""]
