@@ -404,3 +404,39 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["method.name=lsskd", "method.gate=bogus"], "'method.gate' must be none or fit or gap or auto, got 'bogus'"),
+    (["method.name=lsskd_selfsup", "method.alpha_T=1.5"], "'method.alpha_T' must be in [0, 1], got 1.5"),
+    (["method.name=lsskd", "method.head_teacher=oracle"], "'method.head_teacher' must be none or deepest"),
+    (["method.name=sad_ce", "method.tau=0"], "'method.tau' must be > 0, got 0"),
+    (["method.name=lsskd", "method.gate=gap"], "method.gate=gap reads the held-out split"),
+    (["method.name=lsskd", "method.branches_when_shut=skip"], "branches_when_shut=skip acts only behind a gate"),
+    (["method.name=lsskd", "data.augment.cutmix_prob=1"], "store_mixed=skip keeps CutMix-ed batches"),
+    (["method.name=ls", "method.epsilon=1"], "'method.epsilon' must be in [0, 1), got 1"),
+    (["method.name=tfkd", "method.T=-1"], "'method.T' must be > 0, got -1"),
+    (["method.name=cskd", "method.lambda=-0.5"], "'method.lambda' must be >= 0, got -0.5"),
+    (["method.name=byot", "method.alpha=2"], "'method.alpha' must be in [0, 1], got 2"),
+    (["method.name=kd"], "method.teacher_checkpoint must name a checkpoint"),
+])
+def test_method_keys_are_checked_before_any_data_is_read(overrides, needle, tmp_path, capsys):
+    # data.root points nowhere: reading any data would fail with a DataError instead.
+    args = ["data.name=folder", f"data.root={tmp_path / 'no-such-data'}", *overrides]
+    with pytest.raises(ConfigError) as e:
+        check_config(build_config(None, args))
+    assert needle in str(e.value)
+    rc, out, err = cli(["train", *args, f"out_dir={tmp_path / 'o'}"], capsys)
+    assert rc == 2 and needle in err and not (tmp_path / "o").exists()
+
+
+def test_every_method_default_lies_in_its_declared_range_and_choices():
+    from lsskd.registry import METHODS
+
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        for key, spec in cls.ranges.items():
+            assert key in cls.defaults, f"{name}: ranges name {key}, not one of its keys"
+            assert in_range(cls.defaults[key], spec), f"{name}: default {key} outside {spec}"
+        for key, allowed in cls.choices.items():
+            assert cls.defaults[key] in allowed, f"{name}: default {key} not in {allowed}"

@@ -177,7 +177,7 @@ def test_branch_eval_scores_are_joint_logits_at_view_zero():
     m.eval()
     x, _, _ = _batch()
     outs = m.eval_forward(x)[1]
-    assert list(outs) == ["branch1", "branch2", "branch3"]
+    assert [k for k in outs if k.startswith("branch")] == ["branch1", "branch2", "branch3"]
     feats = m.backbone.forward_stages(x)
     full = m.aux[1](feats[1])[1]
     assert torch.equal(outs["branch2"], full[:, 0::4])

@@ -165,19 +165,26 @@ def in_range(value: float, spec: str) -> bool:
 def check_values(cfg: Dict) -> None:
     """Every key of :data:`RANGES` and :data:`CHOICES` against its documented values; the
     error names the key, the value and what is allowed."""
-    flat = flatten(cfg)
-    for key, spec in RANGES.items():
+    check_declared(flatten(cfg), RANGES, CHOICES)
+    for m in cfg.get("optim", {}).get("milestones", []):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError(f"config key 'optim.milestones' must be a list of epochs >= 0, got {m!r}")
+
+
+def check_declared(flat: Dict[str, Any], ranges: Dict[str, str], choices: Dict[str, tuple],
+                   prefix: str = "") -> None:
+    """``flat`` (dotted keys without ``prefix``) against declared ranges and choices; the
+    error names ``prefix + key``, the value and what is allowed."""
+    for key, spec in ranges.items():
         v = flat.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_range(v, spec):
             shown = f"in {spec}" if spec[0] in "([" else spec
             finite = "" if v == v and abs(v) != float("inf") else "a finite number "
-            raise ConfigError(f"config key '{key}' must be {finite}{shown}, got {v}")
-    for key, allowed in CHOICES.items():
+            raise ConfigError(f"config key '{prefix}{key}' must be {finite}{shown}, got {v}")
+    for key, allowed in choices.items():
         if key in flat and flat[key] not in allowed:
-            raise ConfigError(f"config key '{key}' must be {' or '.join(allowed)}, got {flat[key]!r}")
-    for m in cfg.get("optim", {}).get("milestones", []):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise ConfigError(f"config key 'optim.milestones' must be a list of epochs >= 0, got {m!r}")
+            raise ConfigError(f"config key '{prefix}{key}' must be {' or '.join(map(str, allowed))}, "
+                              f"got {flat[key]!r}")
 
 
 def check_config(cfg: Dict) -> None:
@@ -215,8 +222,12 @@ def check_config(cfg: Dict) -> None:
         raise ConfigError(f"model.kwargs do not fit model {cfg['model']['name']!r}: {e}") from None
     except ValueError:  # no introspectable signature: leave it to the constructor
         pass
-    validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
-                     METHODS.get(cfg["method"]["name"]).defaults, "method.")
+    method_cls = METHODS.get(cfg["method"]["name"])
+    mcfg = validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
+                            method_cls.defaults, "method.")
+    # The method's declared ranges/choices and its cross-key rules, before any data is read.
+    method_cls.check_settings(mcfg, has_val=cfg["data"].get("val_fraction", 0) > 0,
+                              cutmix_prob=cfg["data"].get("augment", {}).get("cutmix_prob", 0.0))
 
 
 def _merge(base: Dict, update: Dict, prefix: str, strict: bool) -> Dict:

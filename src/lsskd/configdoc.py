@@ -134,8 +134,8 @@ def common_keys() -> List[Tuple[str, Any, str, str]]:
     return rows
 
 
-def method_keys() -> Dict[str, List[Tuple[str, Any, str]]]:
-    """Built-in method name -> [(key, default, meaning)] of its own ``method.`` keys (a
+def method_keys() -> Dict[str, List[Tuple[str, Any, str, str]]]:
+    """Built-in method name -> [(key, default, allowed, meaning)] of its own ``method.`` keys (a
     plugin's methods, registered by the user's own module, are not lsskd's to document)."""
     from . import methods  # noqa: F401 - registers the built-in methods
     from .registry import METHODS
@@ -148,7 +148,10 @@ def method_keys() -> Dict[str, List[Tuple[str, Any, str]]]:
         meanings: Dict[str, str] = {}
         for klass in reversed(cls.__mro__):  # the most derived comment wins
             meanings.update({k: v for k, v in _meanings_in(klass, "defaults").items() if v})
-        out[name] = [(k, v, meanings.get(k, "")) for k, v in flatten(cls.defaults).items()]
+        allowed = {**{k: r for k, r in cls.ranges.items()},
+                   **{k: " \\| ".join(map(str, c)) for k, c in cls.choices.items()}}
+        out[name] = [(k, v, allowed.get(k, ""), meanings.get(k, ""))
+                     for k, v in flatten(cls.defaults).items()]
     return out
 
 
@@ -157,7 +160,9 @@ def render() -> str:
              "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     lines += [_row(*r) for r in common_keys()]
     lines += ["", "## Method keys (`method.<key>`)", "",
-              "Each method validates its own keys (ranges included) when the run starts; the "
+              "Each method's keys are checked with the rest of the config, before any data is "
+              "read: their types, the ranges and choices below, and the rules that tie keys "
+              "together (e.g. `method.gate=gap` needs `data.val_fraction` > 0); the "
               "formulas and papers behind them are in [methods.md](methods.md) and, for LSSKD, "
               "[method.md](method.md). Variants such as `pskd`, `sad_ce` and `lsskd_robust` are "
               "LSSKD with other defaults.", ""]
@@ -167,10 +172,11 @@ def render() -> str:
         if not rows:
             lines += ["No keys of its own.", ""]
             continue
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for key, default, meaning in rows:
+        lines += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for key, default, allowed, meaning in rows:
             meaning = meaning or f"see [methods.md](methods.md) (`{name}`)"
-            lines.append(f"| `method.{key}` | {_type(default)} | {_fmt(default)} | {meaning.replace('|', chr(92) + '|')} |")
+            lines.append(f"| `method.{key}` | {_type(default)} | {_fmt(default)} | {allowed} | "
+                         f"{meaning.replace('|', chr(92) + '|')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import validate_section
+from ..config import check_declared, validate_section
 from ..data.augment import MixInfo
 from ..models.staged import StagedBackbone
 from .losses import mix_targets, soft_cross_entropy  # noqa: F401  (re-exported)
@@ -97,6 +97,23 @@ class Method(nn.Module):
     """
 
     defaults: Dict = {}
+    #: Allowed values of the method's keys, beside ``defaults``: intervals (``"[0, 1)"``,
+    #: ``"> 0"``) and fixed sets; checked with the rest of the config before any data is read
+    #: (:func:`lsskd.config.check_config`) and again when the method is built.
+    ranges: Dict[str, str] = {}
+    choices: Dict[str, tuple] = {}
+
+    @classmethod
+    def check_settings(cls, cfg: Dict, has_val: bool = False, cutmix_prob: float = 0.0) -> None:
+        """Raise ConfigError for a bad ``method.`` section (filled with defaults): declared
+        ranges and choices, then :meth:`check_rules` (keys that constrain each other or the run)."""
+        check_declared(cfg, cls.ranges, cls.choices, "method.")
+        cls.check_rules(cfg, has_val=has_val, cutmix_prob=cutmix_prob)
+
+    @classmethod
+    def check_rules(cls, cfg: Dict, has_val: bool, cutmix_prob: float) -> None:
+        """Cross-key rules (override): ``has_val`` the run holds out a split
+        (``data.val_fraction`` > 0), ``cutmix_prob`` its ``data.augment.cutmix_prob``."""
 
     def __init__(self, backbone: StagedBackbone, cfg: Dict | None = None,
                  context: MethodContext | None = None, **context_fields):
@@ -106,6 +123,7 @@ class Method(nn.Module):
         self.num_classes = backbone.num_classes
         self.context = MethodContext.of(context, **context_fields) if context_fields else (
             context or MethodContext())
+        self.check_settings(self.cfg, has_val=self.context.has_val, cutmix_prob=self.context.cutmix_prob)
         self.num_train = self.context.num_train
         self.epoch, self.total_epochs = 1, 1
 

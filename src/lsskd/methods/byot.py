@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
 from .base import Method, register_method
 from .branch import Branch
 from .losses import feature_loss, kl_div_probs, mix_targets, soft_cross_entropy
@@ -39,15 +38,10 @@ class BeYourOwnTeacher(Method):
     """
 
     defaults = {"alpha": 0.3, "T": 3.0, "lambda": 0.03}
+    ranges = {"alpha": "[0, 1]", "T": "> 0", "lambda": ">= 0"}
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
-        if not 0.0 <= self.cfg["alpha"] <= 1.0:
-            raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
-        if self.cfg["T"] <= 0:
-            raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
-        if self.cfg["lambda"] < 0:
-            raise ConfigError(f"method.lambda must be >= 0, got {self.cfg['lambda']}")
         self.exits = nn.ModuleList(Branch(backbone, l, backbone.num_classes)
                                    for l in range(backbone.num_stages - 1))
 

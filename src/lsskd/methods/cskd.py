@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from .base import Method, register_method
 from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
@@ -56,13 +55,10 @@ class ClassWiseSelfKD(Method):
     """
 
     defaults = {"T": 4.0, "lambda": 1.0}
+    ranges = {"T": "> 0", "lambda": ">= 0"}
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
-        if self.cfg["T"] <= 0:
-            raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
-        if self.cfg["lambda"] < 0:
-            raise ConfigError(f"method.lambda must be >= 0, got {self.cfg['lambda']}")
         labels = self.context.train_labels
         self.sampler = ClassPairSampler(labels) if labels is not None else None
 

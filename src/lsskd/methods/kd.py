@@ -67,13 +67,16 @@ class KnowledgeDistillation(Method):
     """
 
     defaults = {"teacher_checkpoint": "", "T": 4.0, "alpha": 0.9}
+    ranges = {"T": "> 0", "alpha": "[0, 1]"}
+
+    @classmethod
+    def check_rules(cls, cfg, has_val: bool, cutmix_prob: float) -> None:
+        if not cfg["teacher_checkpoint"]:
+            raise ConfigError("method.teacher_checkpoint must name a checkpoint (e.g. runs/teacher/best.pt) "
+                              "for method 'kd'")
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
-        if self.cfg["T"] <= 0:
-            raise ConfigError(f"method.T must be positive, got {self.cfg['T']}")
-        if not 0.0 <= self.cfg["alpha"] <= 1.0:
-            raise ConfigError(f"method.alpha must be in [0, 1], got {self.cfg['alpha']}")
         teacher = load_teacher(self.cfg["teacher_checkpoint"], self.num_classes,
                                self.context.input_shape, self.context.classes)
         # A plain list hides the teacher from nn.Module's registration.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from .base import Method, register_method
 from .losses import mix_targets, soft_cross_entropy
 
@@ -26,12 +25,7 @@ class LabelSmoothing(Method):
     """
 
     defaults = {"epsilon": 0.1}
-
-    def __init__(self, backbone, cfg=None, context=None, **context_fields):
-        super().__init__(backbone, cfg, context, **context_fields)
-        eps = self.cfg["epsilon"]
-        if not 0.0 <= eps < 1.0:
-            raise ConfigError(f"method.epsilon must be in [0, 1), got {eps}")
+    ranges = {"epsilon": "[0, 1)"}
 
     def train_forward(self, x, y, idx, mix):
         logits = self.backbone(x)

@@ -57,68 +57,75 @@ class LSSKD(Method):
         "views": "auto",  # view family (methods/transforms.py); auto: by modality
         "branches": True,  # False: no auxiliary branches (PS-KD / CE)
         "alpha_T": 0.8,  # softening at the last epoch (0 = hard targets)
-        "alpha_mode": "linear",  # linear | fit | confidence
+        "alpha_mode": "linear",  # linear (paper); fit/confidence scale alpha_t by the fit
         "soften_final": True,
         "soften_branches": True,
         "beta": 1.0,  # weight of L_hier
         "kl_weight": 1.0,  # weight of L_KL (0 = off)
-        "kl_mode": "deepest",  # deepest | next: who teaches branch l
+        "kl_mode": "deepest",  # who teaches branch l: the deepest or the next deeper branch
         "tau": 3.0,
         "gamma": 0.1,  # weight of L_feat (0 = off)
         "aux_rampup_epochs": 0,
         "normalize_aux": False,
         "branch_grad": 1.0,
-        "store_dtype": "float32",  # float32 | float16 (dense store)
-        "store": "auto",  # auto | dense | topk (methods/store.py)
+        "store_dtype": "float32",  # dense store precision
+        "store": "auto",  # soft-target store layout (methods/store.py, docs/scale.md)
         "store_topk": 10,  # k of the top-k store
         "store_budget_gb": 0.0,  # auto: largest layout that fits (0 = no budget: dense)
         "store_on_host": False,  # keep the store in CPU memory when training on a GPU
         "views_per_step": 0,  # views per step incl. identity (0 = all M)
-        "gate": "none",  # none | fit | gap | auto: alpha and branch gradients scaled by fit (and gap)
+        "gate": "none",  # alpha and branch gradients scaled by the fit (and gap) gate (methods/gate.py)
         "gate_floor": 0.5,  # training top-1 (fraction) below which gate=fit keeps the backbone at CE
         "gap_floor": 0.05,  # gate=gap: train-minus-held-out top-1 (fraction) below which it stays shut
         # (a negative floor opens it even while held-out top-1 exceeds training top-1)
         "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
-        "branches_when_shut": "train",  # train | skip: run the branches while the gate is shut?
-        "bn_views": "shared",  # shared | split: batch-norm statistics of the identity view apart
-        "last_branch": "stage",  # stage (HSAKD) | block (before issue 18): deepest branch's trunk
-        "store_mixed": "skip",  # skip | store: what a CutMix-ed batch writes into the store
-        "head_teacher": "none",  # none | deepest | branches | branches_head: who teaches the deployed head
-        "head_teacher_source": "step",  # step | store: this step's views, or every view's stored rows
+        "branches_when_shut": "train",  # run the branches (train) or skip them while the gate is shut
+        "bn_views": "shared",  # split: batch-norm statistics of the identity view apart
+        "last_branch": "stage",  # deepest branch's trunk: the last stage at stride 1 (HSAKD) or one block
+        "store_mixed": "skip",  # does a CutMix-ed batch write its predictions into the store?
+        "head_teacher": "none",  # who teaches the deployed head: aggregated deepest branch, all, all + head
+        "head_teacher_source": "step",  # the teacher from this step's views, or every view's stored rows
         "head_tau": 1.0,  # temperature of the head-teaching KL (SLA: 1)
         "head_weight": 1.0,  # weight of the head-teaching KL
-        "eval_aggregate": "every",  # every | last | off: view-aggregated branch and ensemble scores
+        "eval_aggregate": "every",  # epochs with view-aggregated branch and ensemble scores (M passes)
     }
 
+    ranges = {
+        "alpha_T": "[0, 1]", "beta": ">= 0", "kl_weight": ">= 0", "tau": "> 0", "gamma": ">= 0",
+        "aux_rampup_epochs": ">= 0", "branch_grad": ">= 0", "store_topk": ">= 1",
+        "store_budget_gb": ">= 0", "views_per_step": ">= 0", "gate_floor": "[0, 1)",
+        "gap_floor": "(-1, 1)", "gap_width": "> 0", "head_tau": "> 0", "head_weight": ">= 0",
+    }
+    choices = {
+        "alpha_mode": ("linear", "fit", "confidence"), "kl_mode": ("deepest", "next"),
+        "store_dtype": ("float32", "float16"), "store": ("auto", "dense", "topk"),
+        "gate": ("none", "fit", "gap", "auto"), "branches_when_shut": ("train", "skip"),
+        "bn_views": ("shared", "split"), "last_branch": ("stage", "block"),
+        "store_mixed": ("skip", "store"),
+        "head_teacher": ("none", "deepest", "branches", "branches_head"),
+        "head_teacher_source": ("step", "store"), "eval_aggregate": ("every", "last", "off"),
+    }
+
+    @classmethod
+    def check_rules(cls, c, has_val: bool, cutmix_prob: float) -> None:
+        if c["gate"] == "gap" and not has_val:
+            raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
+                              "(e.g. 0.1), or use method.gate=fit")
+        if c["branches_when_shut"] == "skip" and c["gate"] == "none":
+            raise ConfigError("method.branches_when_shut=skip acts only behind a gate: set method.gate "
+                              "to fit, gap or auto, or leave branches_when_shut=train")
+        stores = c["alpha_T"] > 0 or (c["head_teacher"] != "none" and c["head_teacher_source"] == "store")
+        if stores and c["store_mixed"] == "skip" and cutmix_prob >= 1.0:
+            raise ConfigError("method.store_mixed=skip keeps CutMix-ed batches out of the soft-target "
+                              f"store, but data.augment.cutmix_prob={cutmix_prob} mixes every batch, so "
+                              "nothing would ever be stored: lower cutmix_prob or set method.store_mixed=store")
+
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
-        super().__init__(backbone, cfg, context, **context_fields)
+        super().__init__(backbone, cfg, context, **context_fields)  # checks ranges, choices, rules
         c = self.cfg
-        if not 0.0 <= c["alpha_T"] <= 1.0:
-            raise ConfigError(f"method.alpha_T must be in [0, 1], got {c['alpha_T']}")
-        if c["alpha_mode"] not in ("linear", "fit", "confidence"):
-            raise ConfigError(f"method.alpha_mode must be linear, fit or confidence, got {c['alpha_mode']!r}")
-        if c["kl_mode"] not in ("deepest", "next"):
-            raise ConfigError(f"method.kl_mode must be deepest or next, got {c['kl_mode']!r}")
-        for key, allowed in (("gate", ("none", "fit", "gap", "auto")), ("bn_views", ("shared", "split")),
-                             ("last_branch", ("stage", "block")),
-                             ("branches_when_shut", ("train", "skip")),
-                             ("store_mixed", ("skip", "store")),
-                             ("head_teacher", ("none", "deepest", "branches", "branches_head")),
-                             ("head_teacher_source", ("step", "store")),
-                             ("eval_aggregate", ("every", "last", "off"))):
-            if c[key] not in allowed:
-                raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
-        if not 0.0 <= c["gate_floor"] < 1.0:
-            raise ConfigError(f"method.gate_floor must be in [0, 1), got {c['gate_floor']}")
-        if not (-1.0 < c["gap_floor"] < 1.0 and c["gap_width"] > 0.0):
-            raise ConfigError(f"method.gap_floor must be in (-1, 1) and method.gap_width > 0, got "
-                              f"{c['gap_floor']} and {c['gap_width']}")
         self.gating = FitGapGate(c["gate"], self.context.has_val, c["gate_floor"], c["gap_floor"],
                                  c["gap_width"])
         self.wants_val = self.gating.wants_val
-        if c["branches_when_shut"] == "skip" and self.gate_mode == "none":
-            raise ConfigError("method.branches_when_shut=skip acts only behind a gate: set method.gate "
-                              "to fit, gap or auto, or leave branches_when_shut=train")
         self.may_leave_params_unused = c["branches_when_shut"] == "skip"
         views = c["views"]
         if views == "auto":
@@ -128,11 +135,9 @@ class LSSKD(Method):
         self.num_views = M
         S = backbone.num_stages if c["branches"] else 0
         self.aux = nn.ModuleList([Branch(backbone, l, M * self.num_classes, c["last_branch"]) for l in range(S)])
-        dtype = {"float32": torch.float32, "float16": torch.float16}.get(c["store_dtype"])
-        if dtype is None:
-            raise ConfigError(f"method.store_dtype must be float32 or float16, got {c['store_dtype']!r}")
+        dtype = {"float32": torch.float32, "float16": torch.float16}[c["store_dtype"]]
         V = c["views_per_step"]
-        if not 0 <= V <= M:
+        if V > M:  # M depends on the data's view family, known once the method is built
             raise ConfigError(f"method.views_per_step must be in [0, {M}] (0 = all views), got {V}")
         self.views_per_step = M if V == 0 else V
         self._view_step = 0
@@ -144,11 +149,6 @@ class LSSKD(Method):
             raise ConfigError("method.head_teacher_source=store keeps a row per training sample: the "
                               "method needs the training set size (num_train), or use head_teacher_source=step")
         self.uses_store = self.softens or self.store_teacher
-        if self.uses_store and c["store_mixed"] == "skip" and self.context.cutmix_prob >= 1.0:
-            raise ConfigError("method.store_mixed=skip keeps CutMix-ed batches out of the soft-target "
-                              f"store, but data.augment.cutmix_prob={self.context.cutmix_prob} mixes "
-                              "every batch, so nothing would ever be stored: lower cutmix_prob or set "
-                              "method.store_mixed=store")
         n = self.num_train if self.uses_store else 0
         sb = S if (c["soften_branches"] and self.softens) or self.store_teacher else 0
         self.store_choice = choose_store(n, self.num_classes, sb, M, c["store"], dtype, c["store_topk"],

@@ -43,16 +43,10 @@ class TeacherFreeKD(Method):
     """
 
     defaults = {"correct_prob": 0.9, "alpha": 0.1, "T": 20.0}
+    ranges = {"correct_prob": "(0, 1]", "alpha": "[0, 1]", "T": "> 0"}
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
-        a, alpha, T = self.cfg["correct_prob"], self.cfg["alpha"], self.cfg["T"]
-        if not 0.0 < a <= 1.0:
-            raise ConfigError(f"method.correct_prob must be in (0, 1], got {a}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"method.alpha must be in [0, 1], got {alpha}")
-        if T <= 0:
-            raise ConfigError(f"method.T must be positive, got {T}")
         if self.num_classes < 2:
             raise ConfigError(f"tfkd needs at least 2 classes, the model has {self.num_classes}")
 
