@@ -63,7 +63,10 @@ def test_kd_refuses_a_teacher_trained_on_other_classes(cifar_bundle, tmp_path):
 @pytest.mark.parametrize("name", ["lsskd", "sad_ce", "byot"])
 def test_eval_forward_is_one_backbone_pass_with_the_same_numbers(name):
     torch.manual_seed(0)
-    m = METHODS.build(name, build_model("resnet8", 5), {}, num_train=4).eval()
+    # The view-aggregated ceiling (eval_aggregate) costs a second pass over the other views:
+    # off here, counted in the test below.
+    cfg = {} if name == "byot" else {"eval_aggregate": "off"}
+    m = METHODS.build(name, build_model("resnet8", 5), cfg, num_train=4).eval()
     calls = []
     m.backbone.stem.register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(3, 3, 32, 32)
@@ -78,6 +81,16 @@ def test_eval_forward_is_one_backbone_pass_with_the_same_numbers(name):
     for l, br in enumerate(heads):
         assert torch.equal(outs[f"branch{l + 1}"], br(feats[l])[1][:, ::step])
     assert all(torch.equal(outs[k], v) for k, v in m.eval_outputs(x).items())
+
+
+def test_the_ceiling_costs_one_more_pass_over_the_other_views():
+    torch.manual_seed(0)
+    m = METHODS.build("sad_ce", build_model("resnet8", 5), {}, num_train=4).eval()
+    sizes = []
+    m.backbone.stem.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    logits, outs = m.eval_forward(torch.randn(3, 3, 32, 32))
+    assert sizes == [3, 9]  # upright, then the three rotated views stacked
+    assert {"agg1", "agg2", "agg3", "ensemble"} <= set(outs)
 
 
 def test_a_method_on_the_earlier_contract_still_evaluates(cifar_bundle):
