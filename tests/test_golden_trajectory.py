@@ -54,6 +54,12 @@ CASES = {
     "lsskd_options": ("lsskd", ["method.kl_mode=next", "method.views_per_step=2",
                                 "method.normalize_aux=true", "method.alpha_mode=confidence",
                                 "method.store=topk", "method.store_topk=5"]),
+    # Issue 29's baselines (references recorded at their introduction), and CE + Mixup.
+    "sla": ("sla", []),
+    "zipf_ls": ("zipf_ls", []),
+    "dlb": ("dlb", []),
+    "ddgsd": ("ddgsd", []),
+    "ce_mixup": ("ce", ["data.augment.mixup_alpha=0.4"]),
 }
 
 
