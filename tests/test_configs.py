@@ -44,6 +44,10 @@ LR001_MODELS = {"mobilenetv2", "mobilenetv2_w05", "mobilenetv2_w10", "shufflev1"
 NO_CPU_TWIN = {"fig5/f5_tiny_resnet20_ce.yaml", "fig5/f5_tiny_resnet20_lsskd.yaml",
                # no VGG fits the CPU MAC budget (vgg8: 96M MACs per 32x32 image)
                "hsakd/h_vgg13_sad_ce.yaml"}
+# Issue 29's cells on Self-KD-Lib's recipe: their CPU rows are the 15-epoch protocol's
+# configs/cpu/c100_resnet8_<row>.yaml and the over-fitting cells', not twins under cpu/paper.
+SELFKD = PAPER / "selfkd"
+NO_CPU_TWIN |= {f"selfkd/{p.name}" for p in SELFKD.glob("*.yaml")}
 
 
 def rel(p: Path) -> str:
@@ -226,7 +230,7 @@ def test_kd_teachers_are_the_sweep_layout_of_an_earlier_plan(plans):
 
 # ----------------------------------------------------------------------------- recipe
 def test_paper_cells_follow_the_paper_recipe():
-    cells = [p for p in PAPER.rglob("*.yaml") if is_cell(p)]
+    cells = [p for p in PAPER.rglob("*.yaml") if is_cell(p) and SELFKD not in p.parents]
     for p in cells:
         cfg = load(p)
         o, t, d = cfg["optim"], cfg["train"], cfg["data"]
@@ -269,6 +273,22 @@ def test_cpu_cells_mirror_the_paper_cells():
         assert pm == cm, r
         assert pc["data"]["augment"]["cutout"] == d["augment"]["cutout"], r
         assert pc["data"]["augment"]["cutmix_prob"] == d["augment"]["cutmix_prob"], r
+
+
+def test_selfkd_cells_follow_selfkdlib_recipe():
+    """Issue 29: the new baselines on Self-KD-Lib's CIFAR-100 ResNet-18 recipe (its main.py)."""
+    cells = sorted(SELFKD.glob("*.yaml"))
+    rows = {(load(p)["method"]["name"], load(p)["data"]["augment"]["mixup_alpha"],
+             load(p)["data"]["augment"]["cutmix_prob"]) for p in cells}
+    assert {("ce", 0.0, 0.0), ("ce", 0.4, 0.0), ("ce", 0.0, 1.0), ("sla", 0.0, 0.0), ("zipf_ls", 0.0, 0.0),
+            ("dlb", 0.0, 0.0), ("ddgsd", 0.0, 0.0)} <= rows
+    for p in cells:
+        cfg = load(p)
+        o, t, d = cfg["optim"], cfg["train"], cfg["data"]
+        assert cfg["model"]["name"] == "resnet18_cifar" and (t["epochs"], t["batch_size"]) == (200, 128), p
+        assert (o["name"], o["nesterov"], o["momentum"], o["lr"], o["weight_decay"]) == ("sgd", True, 0.9, 0.1, 5e-4), p
+        assert (o["schedule"], o["milestones"], o["lr_decay"], o["warmup_epochs"]) == ("step", [100, 150], 0.1, 5), p
+        assert (d["name"], d["augment"]["crop_padding"], d["augment"]["flip"]) == ("cifar100", 4, True), p
 
 
 def test_hsakd_cells_load_on_hsakd_recipe():
