@@ -281,7 +281,7 @@ def test_selfkd_cells_follow_selfkdlib_recipe():
     rows = {(load(p)["method"]["name"], load(p)["data"]["augment"]["mixup_alpha"],
              load(p)["data"]["augment"]["cutmix_prob"]) for p in cells}
     assert {("ce", 0.0, 0.0), ("ce", 0.4, 0.0), ("ce", 0.0, 1.0), ("sla", 0.0, 0.0), ("zipf_ls", 0.0, 0.0),
-            ("dlb", 0.0, 0.0), ("ddgsd", 0.0, 0.0)} <= rows
+            ("dlb", 0.0, 0.0), ("ddgsd", 0.0, 0.0), ("mixskd", 0.0, 0.0)} <= rows
     for p in cells:
         cfg = load(p)
         o, t, d = cfg["optim"], cfg["train"], cfg["data"]

@@ -59,6 +59,7 @@ CASES = {
     "zipf_ls": ("zipf_ls", []),
     "dlb": ("dlb", []),
     "ddgsd": ("ddgsd", []),
+    "mixskd": ("mixskd", []),
     "ce_mixup": ("ce", ["data.augment.mixup_alpha=0.4"]),
 }
 

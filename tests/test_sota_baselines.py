@@ -16,6 +16,7 @@ from lsskd.engine import Trainer
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.methods.ddgsd import DataDistortionSelfDistillation
 from lsskd.methods.dlb import LastMiniBatchDistillation
+from lsskd.methods.mixskd import MixupSelfKD
 from lsskd.methods.sla import SelfSupervisedLabelAugmentation, aggregated_logits
 from lsskd.methods.zipf import ZipfLabelSmoothing, dense_votes, drop_target, min_ranks, zipf_targets
 from lsskd.models import build_model
@@ -232,6 +233,44 @@ def test_ddgsd_loss_by_hand():
     assert {k: float(v) for k, v in losses.items()} == {k: pytest.approx(v, rel=1e-6) for k, v in want.items()}
 
 
+# --- mixskd ------------------------------------------------------------------------------
+def test_mixskd_loss_from_the_paper_formula():
+    torch.manual_seed(0)
+    m = MixupSelfKD(build_model("resnet8", 3), {}).train()
+    B, T, lam, perm = 3, 3.0, 0.7, [2, 0, 1]
+    x, y = torch.randn(B, 3, 32, 32), [2, 0, 1]
+    xm = lam * x + (1 - lam) * x[perm]
+    m._mix = lambda _x: (xm, MixInfo(perm=torch.tensor(perm), lam=lam))
+    logits, losses = m(x, torch.tensor(y), torch.arange(B), None)
+    with torch.no_grad():
+        maps, zs = m.levels(torch.cat([x, xm]))
+        bar_f = [lam * f[:B] + (1 - lam) * f[:B][perm] for f in maps]
+        g_bar, g_mix = m.teacher(bar_f).tolist(), m.teacher([f[B:] for f in maps]).tolist()
+    zs = [z.tolist() for z in zs]
+    orig = [z[:B] for z in zs]
+    mixd = [z[B:] for z in zs]
+    bar = [[[lam * a + (1 - lam) * b for a, b in zip(z[i], z[perm[i]])] for i in range(B)] for z in orig]
+    ce_mix = lambda row, i: lam * ce(row, y[i]) + (1 - lam) * ce(row, y[perm[i]])
+    want = {
+        "ce": sum(mean(ce(z[i], y[i]) for i in range(B)) for z in orig),
+        "mix_ce": sum(mean(ce_mix(z[i], i) for i in range(B)) for z in mixd + [g_bar, g_mix]),
+        "kl": mean(kd(bar[-1][i], g_mix[i], T) for i in range(B)) + mean(kd(mixd[-1][i], g_bar[i], T) for i in range(B))
+        + sum(mean(kd(b[i], t[i], T) + kd(t[i], b[i], T) for i in range(B)) for b, t in zip(bar[:-1], mixd[:-1])),
+        "feat": sum(float(((b - f[B:]) ** 2).mean()) for b, f in zip(bar_f, maps)),
+    }
+    assert {k: float(v) for k, v in losses.items()} == {k: pytest.approx(v, rel=1e-4) for k, v in want.items()}
+    assert torch.allclose(logits, torch.tensor(orig[-1]), atol=1e-5)
+    # The self-teacher learns from the Mixup CE only; without it (the official code's loss) it gets no gradient.
+    m2 = MixupSelfKD(build_model("resnet8", 3), {"mix_ce": False}).train()
+    m2._mix = m._mix
+    _, l2 = m2(x, torch.tensor(y), torch.arange(B), None)
+    assert set(l2) == {"ce", "kl", "feat"}
+    sum(l2.values()).backward()
+    assert m2.teacher.fuse.weight.grad is None
+    with pytest.raises(ConfigError, match="mixskd mixes its own batches"):
+        MixupSelfKD(build_model("resnet8", 3), {}, cutmix_prob=1.0)
+
+
 # --- through the trainer ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cell(cifar_bundle):
@@ -254,6 +293,7 @@ def cfg_for(out, method, *extra):
     ("zipf_ls", ["data.augment.cutmix_prob=0.5"], ["ce", "zipf"]),
     ("dlb", ["data.augment.mixup_alpha=0.4"], ["ce", "dlb"]),
     ("ddgsd", [], ["ce", "kl", "mmd"]),
+    ("mixskd", [], ["ce", "kl", "feat", "mix_ce"]),
     ("ce", ["data.augment.mixup_alpha=0.4"], ["ce"]),
 ])
 def test_trainer_end_to_end(method, extra, terms, cell, tmp_path):
@@ -308,6 +348,6 @@ def test_dlb_resumes_its_chain_exactly(cell, tmp_path):
 
 
 def test_registered_with_formula_docstrings():
-    for name in ("sla", "zipf_ls", "dlb", "ddgsd"):
+    for name in ("sla", "zipf_ls", "dlb", "ddgsd", "mixskd"):
         doc = METHODS.get(name).__doc__
         assert "L =" in doc and "official" in doc.lower() or "Self-KD-Lib" in doc, name
