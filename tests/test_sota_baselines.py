@@ -16,6 +16,7 @@ from lsskd.engine import Trainer
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.methods.ddgsd import DataDistortionSelfDistillation
 from lsskd.methods.dlb import LastMiniBatchDistillation
+from lsskd.methods.hsakd import HSAKD
 from lsskd.methods.mixskd import MixupSelfKD
 from lsskd.methods.sla import SelfSupervisedLabelAugmentation, aggregated_logits
 from lsskd.methods.zipf import ZipfLabelSmoothing, dense_votes, drop_target, min_ranks, zipf_targets
@@ -347,7 +348,63 @@ def test_dlb_resumes_its_chain_exactly(cell, tmp_path):
     assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
 
 
+# --- hsakd --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sad_ce_teacher(cell, tmp_path_factory):
+    """A resnet8 SAD-CE teacher (branches included) written by the Trainer, and a CE one."""
+    root = tmp_path_factory.mktemp("hsakd_teachers")
+    for method in ("sad_ce", "ce"):
+        Trainer(cfg_for(root / method, method, "train.epochs=1", "train.max_steps_per_epoch=1"), bundle=cell).fit()
+    return root / "sad_ce" / "last.pt", root / "ce" / "last.pt"
+
+
+def test_hsakd_loss_from_the_official_formula(sad_ce_teacher, cell):
+    torch.manual_seed(0)
+    ctx = dict(classes=tuple(cell.classes), input_shape=(3, 32, 32))
+    m = HSAKD(build_model("resnet8", 4), {"teacher_checkpoint": str(sad_ce_teacher[0])}, **ctx).train()
+    # The teacher is the checkpoint's backbone and branches, frozen, outside the state dict.
+    st = torch.load(sad_ce_teacher[0], weights_only=True)["method"]
+    assert torch.equal(m.teacher.aux[1].head.weight, st["aux.1.head.weight"])
+    assert not any(k.startswith("_teacher") for k in m.state_dict()) and not m.teacher.training
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+    B, T = 2, 3.0
+    x, y = torch.randn(B, 3, 32, 32), [3, 1]
+    logits, losses = m(x, torch.tensor(y), torch.arange(B), None)
+    xv = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+    with torch.no_grad():
+        z, s = m.student(xv)
+        tz, ts = m.teacher(xv)
+    z, tz = z.tolist(), tz.tolist()
+    want = {"ce": mean(ce(z[i], y[i]) for i in range(B)),
+            "kd": mean(kd(z[r], tz[r], T) for r in range(4 * B)),
+            "branch_kd": sum(mean(kd(a.tolist()[r], b.tolist()[r], T) for r in range(4 * B)) for a, b in zip(s, ts))}
+    assert {k: float(v) for k, v in losses.items()} == {k: pytest.approx(v, rel=1e-4) for k, v in want.items()}
+    assert len(s) == 3 and s[0].shape == (4 * B, 16)
+    # A teacher without branches, or trained on other classes, is refused before training.
+    with pytest.raises(ConfigError, match="has no branches: train the teacher with method.name=sad_ce"):
+        HSAKD(build_model("resnet8", 4), {"teacher_checkpoint": str(sad_ce_teacher[1])}, **ctx)
+    with pytest.raises(ConfigError, match="different classes"):
+        HSAKD(build_model("resnet8", 4), {"teacher_checkpoint": str(sad_ce_teacher[0])},
+              classes=("a", "b", "c", "d"), input_shape=(3, 32, 32))
+    with pytest.raises(ConfigError, match="must name a checkpoint .* for method 'hsakd'"):
+        HSAKD(build_model("resnet8", 4), {})
+
+
+def test_hsakd_trains_end_to_end(sad_ce_teacher, cell, tmp_path):
+    cfg = cfg_for(tmp_path / "h", "hsakd", f"method.teacher_checkpoint={sad_ce_teacher[0]}")
+    summary = Trainer(cfg, bundle=cell).fit()
+    row = json.loads((tmp_path / "h" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sum(row[f"train_loss_{t}"] for t in ("ce", "kd", "branch_kd")) == pytest.approx(row["train_loss"], rel=1e-6)
+    assert "test_branch3_top1" in row and row["train_n"] == 48
+    assert summary["params_deployed"] == count_params(build_model("resnet8", 4))
+    st = torch.load(tmp_path / "h" / "last.pt", weights_only=True)
+    assert all(k.startswith(("backbone.", "aux.")) for k in st["method"])
+    # student and teacher, each with branches, on 4 views
+    assert summary["macs_train"] > 8 * summary["macs_deployed"]
+
+
 def test_registered_with_formula_docstrings():
-    for name in ("sla", "zipf_ls", "dlb", "ddgsd", "mixskd"):
+    for name in ("sla", "zipf_ls", "dlb", "ddgsd", "mixskd", "hsakd"):
         doc = METHODS.get(name).__doc__
-        assert "L =" in doc and "official" in doc.lower() or "Self-KD-Lib" in doc, name
+        # the formula, and the code it was checked against
+        assert "L =" in doc and "checked against" in doc and "Paper:" in doc, name

@@ -24,7 +24,7 @@ class DataDistortionSelfDistillation(Method):
         + mmd_weight * (mean(h1) - mean(h2))^2
 
     Paper: Xu & Liu, AAAI 2019 (Sec. 3: the two views' mutual KL and a maximum-mean-
-    discrepancy term between their features). No official code was released; this follows
+    discrepancy term between their features). No official code was released; checked against
     the implementation behind the CIFAR-100 row usually quoted (winycg/Self-KD-Lib,
     ``methods/ddsgd.py`` with ``main.py``'s defaults): T = 4, lambda = 1, the halved CE, and
     the MMD term as the squared difference of the two views' scalar feature means (over the
