@@ -134,6 +134,9 @@ def test_sla_eval_reports_si_and_aggregation_and_deploys_the_backbone():
 # --- zipf_ls ---------------------------------------------------------------------------
 def test_zipf_ranks_and_targets_by_hand():
     assert min_ranks(torch.tensor([[3.0, 1.0, 3.0, 0.0]])).tolist() == [[1, 3, 1, 4]]
+    # Many ties (dense votes): 1 + the number of strictly higher scores, as a pairwise count gives.
+    votes = torch.randint(0, 4, (20, 30), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(min_ranks(votes), 1 + (votes[:, None, :] > votes[:, :, None]).sum(-1))
     # y = 0: the non-target classes 1, 2, 3 have ranks 3, 1, 4 -> p ∝ 1/3, 1, 1/4.
     p = zipf_targets(torch.tensor([[3.0, 1.0, 3.0, 0.0]]), torch.tensor([0]))
     s = 1 / 3 + 1 + 1 / 4
@@ -408,3 +411,14 @@ def test_registered_with_formula_docstrings():
         doc = METHODS.get(name).__doc__
         # the formula, and the code it was checked against
         assert "L =" in doc and "checked against" in doc and "Paper:" in doc, name
+
+
+def test_bench_loads_the_extra_rows_a_method_asks_for():
+    """lsskd bench feeds sample_extra's rows as the trainer does: DLB's previous batch, DDGSD's
+    second view and CS-KD's pairs are trained on (CS-KD failed in bench before)."""
+    from lsskd.bench import run_bench
+
+    rep = run_bench("resnet8", 4, ["ce", "dlb", "ddgsd", "cskd"], steps=2, warmup=1, isolate=False)
+    ratio = {r["method"]: r["flops_ratio"] for r in rep["results"]}
+    assert ratio == {"ce": 1.0, "dlb": 2.0, "ddgsd": 2.0, "cskd": 2.0}
+    assert all(r["step_ms"] > 0 for r in rep["results"])
