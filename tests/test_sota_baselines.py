@@ -300,7 +300,7 @@ def cfg_for(out, method, *extra):
     ("mixskd", [], ["ce", "kl", "feat", "mix_ce"]),
     ("ce", ["data.augment.mixup_alpha=0.4"], ["ce"]),
 ])
-def test_trainer_end_to_end(method, extra, terms, cell, tmp_path):
+def test_trainer_end_to_end(method, extra, terms, cell, tmp_path, cifar_root):
     summary = Trainer(cfg_for(tmp_path / method, method, *extra), bundle=cell).fit()
     assert summary["method"] == method
     assert summary["params_deployed"] == count_params(build_model("resnet8", 4))
@@ -312,6 +312,12 @@ def test_trainer_end_to_end(method, extra, terms, cell, tmp_path):
     if method == "sla":
         assert "test_sla_ag_4pass_top1" in rows[-1] and "test_sla_si_top1" in rows[-1]
         assert summary["macs_train"] > 4 * summary["macs_deployed"]
+        # lsskd eval reports the extra heads too (the 4-class cell's full test split)
+        from lsskd.engine.evaluation import evaluate_checkpoint
+
+        res = evaluate_checkpoint(tmp_path / method / "last.pt", device="cpu",
+                                  overrides=[f"data.root={cifar_root}", "data.classes=4"])
+        assert {"sla_ag_4pass_top1", "sla_si_top1"} <= set(res) and 0 <= res["sla_ag_4pass_top1"] <= 100
     if method == "dlb":  # every step after the run's first distils from the previous batch
         assert rows[0]["train_loss_dlb"] > 0 and rows[1]["train_loss_dlb"] > 0
     if method in ("dlb", "ddgsd"):
