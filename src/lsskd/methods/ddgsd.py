@@ -2,7 +2,6 @@
 Self-Distillation for Deep Neural Networks", AAAI 2019)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
