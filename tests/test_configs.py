@@ -44,6 +44,12 @@ LR001_MODELS = {"mobilenetv2", "mobilenetv2_w05", "mobilenetv2_w10", "shufflev1"
 NO_CPU_TWIN = {"fig5/f5_tiny_resnet20_ce.yaml", "fig5/f5_tiny_resnet20_lsskd.yaml",
                # no VGG fits the CPU MAC budget (vgg8: 96M MACs per 32x32 image)
                "hsakd/h_vgg13_sad_ce.yaml"}
+# Issue 29's cells on Self-KD-Lib's recipe: their CPU rows are the 15-epoch protocol's
+# configs/cpu/c100_resnet8_<row>.yaml and the over-fitting cells', not twins under cpu/paper.
+SELFKD = PAPER / "selfkd"
+NO_CPU_TWIN |= {f"selfkd/{p.name}" for p in SELFKD.glob("*.yaml")}
+# HSAKD's students (issue 29): their CPU row is configs/overfit/hsakd.yaml (resnet20 -> resnet8).
+NO_CPU_TWIN |= {f"hsakd_students/{p.name}" for p in (PAPER / "hsakd_students").glob("*.yaml")}
 
 
 def rel(p: Path) -> str:
@@ -197,36 +203,48 @@ def teacher_config(student: Path, ckpt: str) -> Path:
     parts = Path(ckpt).parts
     assert parts[-1] == "best.pt" and parts[-2] == "seed0", ckpt
     t = student.parent / f"{parts[-3]}.yaml"
-    assert t.is_file(), f"{rel(student)}: teacher config {rel(t)} for {ckpt} not found"
+    if not t.is_file():  # a teacher config in another folder (HSAKD's students read configs/paper/hsakd)
+        tree = CPU_PAPER if CPU_PAPER in student.parents else PAPER  # a full-scale student, a full-scale teacher
+        found = [p for p in CONFIG_FILES if p.stem == parts[-3] and tree in p.parents
+                 and (tree == CPU_PAPER or CPU_PAPER not in p.parents)]
+        assert len(found) == 1, f"{rel(student)}: teacher config {parts[-3]}.yaml for {ckpt}: {found}"
+        t = found[0]
     return t
 
 
 def test_kd_teachers_are_the_sweep_layout_of_an_earlier_plan(plans):
-    """A KD student's teacher_checkpoint is <out_root>/<teacher stem>/seed0/best.pt of a
-    plan that trains the teacher (seed 0) and is not the student's own plan."""
+    """A KD or HSAKD student's teacher_checkpoint (its config's, or its plan's override) is
+    <out_root>/<teacher stem>/seed0/best.pt of a plan with the same out_root that trains the
+    teacher (seed 0) and is not the student's own plan; KD's teachers train with CE, HSAKD's
+    with SAD-CE (their branches are part of what the student learns from)."""
     planned: Dict[Path, list] = {}
     for p, (plan, _) in plans.items():
         for c in plan["configs"]:
             planned.setdefault((ROOT / c).resolve(), []).append(p)
-    kd = [p for p in CONFIG_FILES if is_cell(p) and load(p)["method"]["name"] == "kd"]
-    assert len(kd) >= 2 * 6 + 2 * 3
-    for student in kd:
-        ckpt = load(student)["method"]["teacher_checkpoint"]
-        t = teacher_config(student, ckpt)
-        t_plans = [(p, plans[p][0]) for p in planned.get(t.resolve(), [])]
+    students = [p for p in CONFIG_FILES if is_cell(p) and load(p)["method"]["name"] in ("kd", "hsakd")]
+    assert len([p for p in students if load(p)["method"]["name"] == "kd"]) >= 2 * 6 + 2 * 3
+    assert len([p for p in students if load(p)["method"]["name"] == "hsakd"]) >= 6 + 1
+    for student in students:
+        cfg = load(student)
         s_plans = planned.get(student.resolve(), [])
-        assert len(t_plans) == 1 and len(s_plans) == 1, rel(student)
-        (tp, tplan), sp = t_plans[0], s_plans[0]
-        assert tp != sp, f"{rel(student)}: teacher and student in the same plan {sp.name}"
-        assert 0 in tplan.get("seeds", [0])
-        assert ckpt == f"{tplan['out_root']}/{t.stem}/seed0/best.pt"
-        assert load(t)["method"]["name"] == "ce"
-        assert plans[sp][0]["out_root"] == tplan["out_root"], "report teacher and students together"
+        assert s_plans, rel(student)
+        for sp in s_plans:
+            splan = plans[sp][0]
+            over = splan["overrides"]
+            over = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in over)}  # normalised "key=value"
+            ckpt = over.get("method.teacher_checkpoint", cfg["method"]["teacher_checkpoint"])
+            t = teacher_config(student, ckpt)
+            t_plans = [p for p in planned.get(t.resolve(), []) if plans[p][0]["out_root"] == splan["out_root"]]
+            assert len(t_plans) == 1 and t_plans[0] != sp, f"{rel(student)} in {sp.name}: teacher plans {t_plans}"
+            assert 0 in plans[t_plans[0]][0].get("seeds", [0])
+            assert ckpt == f"{splan['out_root']}/{t.stem}/seed0/best.pt"
+            want = "ce" if cfg["method"]["name"] == "kd" else "sad_ce"
+            assert load(t)["method"]["name"] == want, rel(student)
 
 
 # ----------------------------------------------------------------------------- recipe
 def test_paper_cells_follow_the_paper_recipe():
-    cells = [p for p in PAPER.rglob("*.yaml") if is_cell(p)]
+    cells = [p for p in PAPER.rglob("*.yaml") if is_cell(p) and SELFKD not in p.parents]
     for p in cells:
         cfg = load(p)
         o, t, d = cfg["optim"], cfg["train"], cfg["data"]
@@ -240,7 +258,7 @@ def test_paper_cells_follow_the_paper_recipe():
         want_lr = 0.01 if cfg["model"]["name"] in LR001_MODELS else 0.05
         # The HSAKD comparison cells train on HSAKD's own recipe (its train_teacher_cifar.py):
         # Nesterov momentum and a third lr step at 180; every other cell on the paper's.
-        hsakd = p.parent.name == "hsakd"
+        hsakd = p.parent.name in ("hsakd", "hsakd_students")
         steps = [150, 180, 210] if hsakd else [150, 210]
         assert (o["lr"], o["weight_decay"], o["milestones"], o["nesterov"]) == (want_lr, 5e-4, steps, hsakd), p
         assert (t["epochs"], t["batch_size"], d["augment"]["crop_padding"]) == (240, 64, 4), p
@@ -269,6 +287,22 @@ def test_cpu_cells_mirror_the_paper_cells():
         assert pm == cm, r
         assert pc["data"]["augment"]["cutout"] == d["augment"]["cutout"], r
         assert pc["data"]["augment"]["cutmix_prob"] == d["augment"]["cutmix_prob"], r
+
+
+def test_selfkd_cells_follow_selfkdlib_recipe():
+    """Issue 29: the new baselines on Self-KD-Lib's CIFAR-100 ResNet-18 recipe (its main.py)."""
+    cells = sorted(SELFKD.glob("*.yaml"))
+    rows = {(load(p)["method"]["name"], load(p)["data"]["augment"]["mixup_alpha"],
+             load(p)["data"]["augment"]["cutmix_prob"]) for p in cells}
+    assert {("ce", 0.0, 0.0), ("ce", 0.4, 0.0), ("ce", 0.0, 1.0), ("sla", 0.0, 0.0), ("zipf_ls", 0.0, 0.0),
+            ("dlb", 0.0, 0.0), ("ddgsd", 0.0, 0.0), ("mixskd", 0.0, 0.0)} <= rows
+    for p in cells:
+        cfg = load(p)
+        o, t, d = cfg["optim"], cfg["train"], cfg["data"]
+        assert cfg["model"]["name"] == "resnet18_cifar" and (t["epochs"], t["batch_size"]) == (200, 128), p
+        assert (o["name"], o["nesterov"], o["momentum"], o["lr"], o["weight_decay"]) == ("sgd", True, 0.9, 0.1, 5e-4), p
+        assert (o["schedule"], o["milestones"], o["lr_decay"], o["warmup_epochs"]) == ("step", [100, 150], 0.1, 5), p
+        assert (d["name"], d["augment"]["crop_padding"], d["augment"]["flip"]) == ("cifar100", 4, True), p
 
 
 def test_hsakd_cells_load_on_hsakd_recipe():
@@ -312,7 +346,9 @@ def fake_teacher_checkpoint(student: Path, cfg: Dict, bundle: DataBundle, tmp: P
         with cheap_builds():
             teacher = build_method(tcfg, bundle)
         torch.save({"config": tcfg, "classes": list(bundle.classes), "input_shape": list(bundle.input_shape),
-                    "method": {k: v for k, v in teacher.state_dict().items() if k.startswith("backbone.")}}, path)
+                    # the backbone, and the branches an HSAKD student reads
+                    "method": {k: v for k, v in teacher.state_dict().items() if k.startswith(("backbone.", "aux."))}},
+                   path)
     return path
 
 
@@ -332,7 +368,7 @@ def test_config_builds_method_and_model(path, tmp_path_factory):
     if key not in _BUILT:
         bundle = fake_bundle(*spec)
         bcfg = copy.deepcopy(cfg)
-        if bcfg["method"]["name"] == "kd":
+        if bcfg["method"]["name"] in ("kd", "hsakd"):
             tmp = tmp_path_factory.getbasetemp() / "teachers"
             tmp.mkdir(exist_ok=True)
             bcfg["method"]["teacher_checkpoint"] = str(fake_teacher_checkpoint(path, cfg, bundle, tmp))

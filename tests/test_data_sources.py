@@ -706,6 +706,43 @@ def test_cutmix_lambda_is_unmixed_area():
     assert checked > 10
 
 
+def test_mixup_interpolates_pixels_and_targets_with_one_lambda():
+    # Row i of the batch is the constant i+1, so a mixed row is the constant lam*(i+1) + (1-lam)*(j+1).
+    x = torch.arange(1, 9, dtype=torch.float32).view(8, 1, 1).expand(8, 3, 20).clone()  # signals too
+    out, mix = aug.mixup(x, 0.4, _g(3))
+    assert 0.0 < mix.lam < 1.0 and sorted(mix.perm.tolist()) == list(range(8))
+    for i in range(8):
+        j = int(mix.perm[i])
+        assert torch.allclose(out[i], torch.full((3, 20), mix.lam * (i + 1) + (1 - mix.lam) * (j + 1)))
+    # Targets go through the same MixInfo as CutMix's.
+    from lsskd.methods.losses import mix_targets
+
+    t = torch.eye(8)
+    mt = mix_targets(t, mix)
+    assert torch.allclose(mt[0], mix.lam * t[0] + (1 - mix.lam) * t[int(mix.perm[0])])
+    # The same generator state gives the same lambda (Beta drawn through numpy seeded from g).
+    assert aug.mixup(x, 0.4, _g(3))[1].lam == mix.lam
+
+
+def test_batch_augment_mixup_every_batch_cutmix_first_and_off_keeps_the_stream():
+    x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=_g(0))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    plain = BatchAugment(mean, std, crop_padding=2)
+    off = BatchAugment(mean, std, crop_padding=2, mixup_alpha=0.0)
+    g1, g2 = _g(5), _g(5)
+    assert torch.equal(plain(x, g1)[0], off(x, g2)[0]) and g1.get_state().equal(g2.get_state())
+    mixer = BatchAugment(mean, std, crop_padding=2, mixup_alpha=0.4)
+    unmixed, _ = plain(x, _g(5))
+    mixed, mix = mixer(x, _g(5))
+    assert mix is not None and torch.allclose(mixed, mix.lam * unmixed + (1 - mix.lam) * unmixed[mix.perm])
+    # CutMix at probability 1 takes every batch; Mixup only fills in the unmixed ones.
+    both = BatchAugment(mean, std, crop_padding=2, cutmix_prob=1.0, mixup_alpha=0.4)
+    only_cut = BatchAugment(mean, std, crop_padding=2, cutmix_prob=1.0)
+    assert torch.equal(both(x, _g(5))[0], only_cut(x, _g(5))[0])
+    sig = BatchAugment([0.0], [1.0], modality="signal", mixup_alpha=1.0)
+    assert sig(torch.randn(4, 1, 10, generator=_g(1)), _g(2))[1] is not None
+
+
 def test_batch_augment_reproducible_and_eval_normalises():
     x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=_g(0))
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

@@ -6,7 +6,7 @@ The cell: the first 9 training images and first 25 test images of four CIFAR-100
 (apple, aquarium_fish, baby, bear) from ``../shared/data/cifar100``, resnet8 (one block per
 stage, so ``method.last_branch`` stage/block builds the same branches), batch 16 (2 steps
 per epoch, 4 samples dropped by ``drop_last``), 2 epochs, one thread. KD's teacher is the
-``ce`` run's own ``last.pt``.
+``ce`` run's own ``last.pt``; HSAKD's is the ``sad_ce`` run's (branches included).
 
 The references live in ``tests/data/golden/trajectories/<case>.jsonl``. A deliberate change
 of numbers re-records them with ``LSSKD_RECORD_GOLDEN=1 pytest tests/test_golden_trajectory.py``
@@ -54,6 +54,14 @@ CASES = {
     "lsskd_options": ("lsskd", ["method.kl_mode=next", "method.views_per_step=2",
                                 "method.normalize_aux=true", "method.alpha_mode=confidence",
                                 "method.store=topk", "method.store_topk=5"]),
+    # Issue 29's baselines (references recorded at their introduction), and CE + Mixup.
+    "sla": ("sla", []),
+    "zipf_ls": ("zipf_ls", []),
+    "dlb": ("dlb", []),
+    "ddgsd": ("ddgsd", []),
+    "mixskd": ("mixskd", []),
+    "hsakd": ("hsakd", "sad_ce"),  # teacher: the sad_ce case's last.pt (its branches included)
+    "ce_mixup": ("ce", ["data.augment.mixup_alpha=0.4"]),
 }
 
 
@@ -102,10 +110,11 @@ def _isolated_global_state():
 
 def _run(case, cell, runs):
     name, extra = CASES[case]
-    if extra is None:
-        if "ce" not in runs:
-            _run("ce", cell, runs)
-        extra = [f"method.teacher_checkpoint={runs['ce'] / 'last.pt'}"]
+    if extra is None or isinstance(extra, str):  # a teacher: the ce case's run, or the named case's
+        teacher = "ce" if extra is None else extra
+        if teacher not in runs:
+            _run(teacher, cell, runs)
+        extra = [f"method.teacher_checkpoint={runs[teacher] / 'last.pt'}"]
     out = runs["root"] / case
     cfg = build_config(None, [
         f"out_dir={out}", "model.name=resnet8", f"method.name={name}", *extra, "seed=0",

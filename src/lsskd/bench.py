@@ -4,7 +4,8 @@ For one model and batch size, every method runs ``warmup`` + ``steps`` training
 steps (augmentation, forward, backward, SGD step, store update) on synthetic
 uint8 images or on real data, and reports:
 
-* ``step_ms``: median wall time of a whole step (augmentation included);
+* ``step_ms``: median wall time of a whole step (augmentation included; the extra rows a
+  method loads through ``sample_extra`` are augmented and trained on too);
   ``aug_ms`` / ``aug_fraction``: the augmentation's share of it;
 * ``peak_mem_mb``: CUDA ``max_memory_allocated`` during the steps, or on CPU
   the growth of the peak resident set size (Linux VmHWM, reset through
@@ -145,6 +146,11 @@ def bench_method(method_cfg: Dict, model: str, batch_size: int, steps: int = 10,
     aug_t: List[float] = []
     for s in range(warmup + steps):
         idx = torch.arange(s * batch_size, (s + 1) * batch_size)
+        # Extra rows the method loads with the batch (CS-KD's pairs, DLB's previous batch,
+        # DDGSD's second view), as the trainer does; they are part of the step's cost.
+        extra = method.sample_extra(idx, y_all, aug_gen)
+        if extra is not None:
+            idx = torch.cat([idx, extra])
         xb, yb = x_all[idx], y_all[idx]
         _sync(dev)
         t0 = time.perf_counter()

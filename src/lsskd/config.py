@@ -51,6 +51,7 @@ DEFAULTS: Dict[str, Any] = {
             "cutout": 0,  # Cutout square side in pixels (0 = off)
             "cutmix_prob": 0.0,  # probability a batch is CutMixed (0 = off)
             "cutmix_alpha": 1.0,  # CutMix: the mixing ratio is drawn from Beta(alpha, alpha)
+            "mixup_alpha": 0.0,  # Mixup's Beta(alpha, alpha) on every batch CutMix left unmixed (0 = off)
             "jitter": 0.0,  # signals: additive Gaussian noise std (0 = off)
             "scaling": 0.0,  # signals: per-channel scale noise std (0 = off)
         },
@@ -123,6 +124,7 @@ RANGES: Dict[str, str] = {
     "data.augment.cutout": ">= 0",
     "data.augment.cutmix_prob": "[0, 1]",
     "data.augment.cutmix_alpha": "> 0",
+    "data.augment.mixup_alpha": ">= 0",
     "data.augment.jitter": ">= 0",
     "data.augment.scaling": ">= 0",
     "train.epochs": ">= 1",
@@ -226,8 +228,9 @@ def check_config(cfg: Dict) -> None:
     mcfg = validate_section({k: v for k, v in cfg["method"].items() if k != "name"},
                             method_cls.defaults, "method.")
     # The method's declared ranges/choices and its cross-key rules, before any data is read.
-    method_cls.check_settings(mcfg, has_val=cfg["data"].get("val_fraction", 0) > 0,
-                              cutmix_prob=cfg["data"].get("augment", {}).get("cutmix_prob", 0.0))
+    aug = cfg["data"].get("augment", {})
+    mixed = 1.0 if aug.get("mixup_alpha", 0.0) > 0 else aug.get("cutmix_prob", 0.0)  # share of mixed batches
+    method_cls.check_settings(mcfg, has_val=cfg["data"].get("val_fraction", 0) > 0, cutmix_prob=mixed)
 
 
 def _merge(base: Dict, update: Dict, prefix: str, strict: bool) -> Dict:

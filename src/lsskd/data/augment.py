@@ -14,7 +14,9 @@ import torch
 
 @dataclass
 class MixInfo:
-    """CutMix bookkeeping: sample i was mixed with ``perm[i]`` at weight ``lam`` on itself."""
+    """Mixing bookkeeping (CutMix or Mixup): sample i was mixed with ``perm[i]`` at weight
+    ``lam`` on itself (the share of its own image: box area for CutMix, the pixel weight
+    for Mixup), so every method mixes its targets the same way for both."""
 
     perm: torch.Tensor
     lam: float
@@ -78,6 +80,16 @@ def cutmix(x: torch.Tensor, alpha: float, g: torch.Generator):
     return x, MixInfo(perm=perm, lam=lam)
 
 
+def mixup(x: torch.Tensor, alpha: float, g: torch.Generator):
+    """Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018):
+    x'_i = lam * x_i + (1 - lam) * x_perm(i), lam ~ Beta(alpha, alpha), one lam and one
+    permutation per batch (as in the authors' CIFAR code and Self-KD-Lib). Works on any
+    batch shape (images or signals). Returns the mixed batch and :class:`MixInfo`."""
+    lam = _beta(alpha, g)
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    return lam * x + (1.0 - lam) * x[perm], MixInfo(perm=perm, lam=lam)
+
+
 def _beta(alpha: float, g: torch.Generator) -> float:
     # torch's Beta sampler takes no generator; seed numpy's from g to stay reproducible.
     if alpha <= 0:
@@ -91,19 +103,22 @@ class BatchAugment:
 
     Images: crop with padding, horizontal flip, to float, normalise, Cutout, CutMix.
     Signals: normalise, Gaussian jitter, per-channel scaling.
+    Then, for both: Mixup (``mixup_alpha`` > 0) on every batch that CutMix left unmixed
+    (so Mixup alone mixes every batch; with both, CutMix takes a ``cutmix_prob`` share).
     Returns ``(x, mix)`` where ``mix`` is a :class:`MixInfo` or ``None``.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], modality: str = "image",
                  crop_padding: int = 4, flip: bool = True, cutout: int = 0,
                  cutmix_prob: float = 0.0, cutmix_alpha: float = 1.0,
-                 jitter: float = 0.0, scaling: float = 0.0):
+                 jitter: float = 0.0, scaling: float = 0.0, mixup_alpha: float = 0.0):
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
         self.modality = modality
         self.crop_padding, self.flip, self.cutout_size = crop_padding, flip, cutout
         self.cutmix_prob, self.cutmix_alpha = cutmix_prob, cutmix_alpha
         self.jitter, self.scaling = jitter, scaling
+        self.mixup_alpha = mixup_alpha
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -132,4 +147,7 @@ class BatchAugment:
                 x = x * (1 + self.scaling * torch.randn(x.shape[0], x.shape[1], 1, generator=g)).to(x.device)
             if self.jitter > 0:
                 x = x + self.jitter * torch.randn(x.shape, generator=g).to(x.device)
+        # Drawn only when enabled, so runs without Mixup keep their random streams.
+        if mix is None and self.mixup_alpha > 0:
+            x, mix = mixup(x, self.mixup_alpha, g)
         return x, mix

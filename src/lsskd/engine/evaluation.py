@@ -55,7 +55,7 @@ def evaluate_checkpoint(path, split="test", device="auto", overrides=None, weigh
            "method": cfg["method"]["name"], "model": cfg["model"]["name"],
            f"{split}_top1": res["top1"], f"{split}_top5": res["top5"], f"{split}_loss": res["loss"],
            "params_deployed": count_params(method.deploy())}
-    for k, v in res.items():
-        if k.startswith(("branch", "agg", "ensemble")):
+    for k, v in res.items():  # extra heads: branches, SLA's joint-head readings, a self-teacher
+        if k not in ("top1", "top5", "loss"):
             out[k] = v
     return out

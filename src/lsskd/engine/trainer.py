@@ -69,7 +69,10 @@ def build_optimizer(params, cfg_optim: Dict) -> torch.optim.Optimizer:
 def build_method(cfg: Dict, bundle: DataBundle):
     backbone = build_model(cfg["model"]["name"], len(bundle.classes), **cfg["model"].get("kwargs", {}))
     cls = METHODS.get(cfg["method"]["name"])
-    method = cls(backbone, cfg["method"], MethodContext.from_bundle(bundle, cfg["data"]["augment"]["cutmix_prob"]))
+    acfg = cfg["data"]["augment"]
+    # The share of mixed batches: Mixup mixes every batch CutMix leaves unmixed.
+    mix_prob = 1.0 if acfg.get("mixup_alpha", 0.0) > 0 else acfg["cutmix_prob"]
+    method = cls(backbone, cfg["method"], MethodContext.from_bundle(bundle, mix_prob))
     if method.wants_val and bundle.val is None:
         # Built-in methods refuse this themselves; a third-party one would otherwise fail
         # mid-run on a missing split.
@@ -143,7 +146,8 @@ class Trainer:
         acfg = cfg["data"]["augment"]
         self.aug = BatchAugment(self.bundle.mean, self.bundle.std, self.bundle.modality,
                                 acfg["crop_padding"], acfg["flip"], acfg["cutout"],
-                                acfg["cutmix_prob"], acfg["cutmix_alpha"], acfg["jitter"], acfg["scaling"])
+                                acfg["cutmix_prob"], acfg["cutmix_alpha"], acfg["jitter"], acfg["scaling"],
+                                acfg["mixup_alpha"])
         self.optimizer = build_optimizer(self.method.parameters(), cfg["optim"])
         amp = self.tcfg["amp"]
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]

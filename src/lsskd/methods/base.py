@@ -34,8 +34,8 @@ class MethodContext:
     ``input_shape``: one input's shape, e.g. (3, 32, 32); ``modality``: ``image`` |
     ``signal``; ``train_labels``: the training labels (CS-KD's pair sampler);
     ``has_val``: the run holds out a validation split (``data.val_fraction`` > 0);
-    ``cutmix_prob``: probability that a training batch is CutMix-ed
-    (``data.augment.cutmix_prob``)."""
+    ``cutmix_prob``: probability that a training batch is mixed, by CutMix
+    (``data.augment.cutmix_prob``) or Mixup (1 when ``data.augment.mixup_alpha`` > 0)."""
 
     num_train: int = 0
     classes: Optional[Tuple[str, ...]] = None

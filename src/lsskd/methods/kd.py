@@ -14,18 +14,16 @@ from .base import Method, register_method
 from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
 
-def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
-                 classes: Sequence[str] | None = None, key: str = "method.teacher_checkpoint") -> nn.Module:
-    """The deployed backbone of a run trained by this tool, frozen and in eval mode.
-
-    The architecture comes from the checkpoint's own stored config; only the
-    ``backbone.*`` weights are used, so the teacher may have been trained by any method.
-    """
-    from ..deploy.load import extract_backbone
+def teacher_state(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
+                  classes: Sequence[str] | None = None, key: str = "method.teacher_checkpoint",
+                  method: str = "kd"):
+    """(stored config, checkpoint state) of a teacher run trained by this tool, after checking
+    that it exists and predicts the student's classes (count and names, in label order) on the
+    student's input shape. The checkpoint is read with ``weights_only``."""
     from ..engine.evaluation import load_trained
 
     if not path:
-        raise ConfigError(f"{key} must name a checkpoint (e.g. runs/teacher/best.pt) for method 'kd'")
+        raise ConfigError(f"{key} must name a checkpoint (e.g. runs/teacher/best.pt) for method '{method}'")
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}: teacher checkpoint not found: {path}")
@@ -41,11 +39,28 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     if input_shape is not None and list(st.get("input_shape", input_shape)) != list(input_shape):
         raise ConfigError(f"{key}: teacher {path} was trained on inputs {tuple(st['input_shape'])}, "
                           f"the student's are {tuple(input_shape)}")
-    teacher = extract_backbone(cfg, st["method"], num_classes, f"teacher {path}")
-    teacher.eval()
-    for p in teacher.parameters():
+    return cfg, st
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with every parameter frozen."""
+    module.eval()
+    for p in module.parameters():
         p.requires_grad_(False)
-    return teacher
+    return module
+
+
+def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
+                 classes: Sequence[str] | None = None, key: str = "method.teacher_checkpoint") -> nn.Module:
+    """The deployed backbone of a run trained by this tool, frozen and in eval mode.
+
+    The architecture comes from the checkpoint's own stored config; only the
+    ``backbone.*`` weights are used, so the teacher may have been trained by any method.
+    """
+    from ..deploy.load import extract_backbone
+
+    cfg, st = teacher_state(path, num_classes, input_shape, classes, key)
+    return freeze(extract_backbone(cfg, st["method"], num_classes, f"teacher {Path(path).expanduser()}"))
 
 
 @register_method("kd")
