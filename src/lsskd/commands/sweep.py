@@ -89,5 +89,9 @@ def run(args) -> int:
     failed = [r for r in results if r.status == "failed"]
     n_ok = sum(r.status == "ok" for r in results)
     n_skip = sum(r.status == "skipped" for r in results)
-    print(f"\n{len(results)} runs: {n_ok} trained/resumed, {n_skip} already finished, {len(failed)} failed")
+    n_else = sum(r.status == "elsewhere" for r in results)
+    n_left = sum(r.status == "planned" for r in results)
+    print(f"\n{len(results)} runs: {n_ok} trained/resumed, {n_skip} already finished, "
+          + (f"{n_else} running elsewhere, " if n_else else "")
+          + (f"{n_left} not started, " if n_left else "") + f"{len(failed)} failed")
     return 1 if failed else 0
