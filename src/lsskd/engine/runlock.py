@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -43,6 +44,10 @@ INHERIT_ENV = "LSSKD_RUN_LOCK"  # "<fd>:<run directory>", set by a parent that h
 # A reader probes with a shared lock for a moment; a writer that meets only such a probe
 # gets the lock by trying again a few times.
 RETRIES, RETRY_SLEEP = 20, 0.05
+
+# flock errors of file systems that do not support it (some FUSE and network mounts):
+# the run goes on without the lock, with a warning.
+UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 _held: Dict[str, "_Held"] = {}
 _guard = threading.Lock()
@@ -149,6 +154,12 @@ class RunLock:
         return False
 
 
+def _warn_unlocked(folder: Path, e: OSError) -> None:
+    print(f"warning: the file system of {folder} does not support file locks ({e.strerror}); "
+          "this run is not protected from a second process writing into it (docs/reliability.md)",
+          file=sys.stderr, flush=True)
+
+
 def _adopt(key: str) -> Optional[_Held]:
     """The lock a parent process handed down (:meth:`RunLock.handoff`), if it is this one."""
     fd_text, _, where = os.environ.get(INHERIT_ENV, "").partition(":")
@@ -164,6 +175,16 @@ def _adopt(key: str) -> Optional[_Held]:
     return _Held(fd, path, made_dir=False, owner=False)
 
 
+def _write_record(fd: int) -> None:
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (record + "\n").encode(), 0)
+    except OSError:
+        pass  # the record only names the holder in messages (e.g. on a full disk)
+
+
 def _take(folder: Path, made_dir: bool) -> _Held:
     path = folder / LOCK_NAME
     for attempt in range(RETRIES):
@@ -177,11 +198,14 @@ def _take(folder: Path, made_dir: bool) -> _Held:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in UNSUPPORTED:
+                _warn_unlocked(folder, e)
+                _write_record(fd)
+                return _Held(fd, path, made_dir, owner=True)
             info = _read_info(fd)
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"cannot lock run directory {folder}: {e.strerror} "
-                                  "(see docs/reliability.md on file systems without locks)") from None
+                raise RunDirError(f"cannot lock run directory {folder}: {e.strerror}") from None
             if attempt + 1 < RETRIES:
                 time.sleep(RETRY_SLEEP)  # perhaps a reader's momentary probe
                 continue
@@ -193,10 +217,7 @@ def _take(folder: Path, made_dir: bool) -> _Held:
         if not same:  # the file was removed (by its releasing holder) before we locked it
             os.close(fd)
             continue
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (record + "\n").encode(), 0)
+        _write_record(fd)
         return _Held(fd, path, made_dir, owner=True)
     raise RunDirError(f"cannot lock run directory {folder}: its lock file kept changing")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import build_config, run_config
-from ..engine.runlock import INHERIT_ENV, RunLock, RunLockedError, describe
+from ..engine.runlock import INHERIT_ENV, RunLock, RunLockedError, describe, holder
 from ..errors import USER_ERRORS, StorageError
 from .planning import RunResult, RunSpec, plan_actions
 
@@ -74,6 +74,10 @@ def claim(res: RunResult) -> Optional[RunLock]:
     it since the plan was made (``skipped``); otherwise the held lock, and ``res.action``
     is ``resume`` or ``train`` as the directory now says."""
     spec = res.spec
+    who = holder(spec.out_dir)  # cheap first look: no waiting on a lock that is surely held
+    if who is not None:
+        res.status, res.note = "elsewhere", f"running elsewhere ({describe(who)})"
+        return None
     try:
         lock = RunLock.acquire(spec.out_dir)
     except RunLockedError as e:
