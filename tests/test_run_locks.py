@@ -1,7 +1,8 @@
 """One writer per run directory (issue 30): the run lock, sweeps that share a plan between
 processes, readers that skip runs being written, and running out of disk space.
 
-The races use real ``python -m lsskd`` processes on the digits dataset (a few steps each);
+The races use real ``python -m lsskd`` processes on a tiny folder of real CIFAR-100 PNGs
+(4 classes, 8 training images each: 4 steps an epoch);
 a "foreign holder" is a bare ``python -c`` process that takes the same ``flock`` on
 ``run.lock`` and writes a holder record, as another lsskd process would."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,16 +28,38 @@ from lsskd.engine.checkpoint import load_checkpoint, load_latest
 from lsskd.engine.runlock import LOCK_NAME, RunLock, RunLockedError, holder
 from lsskd.errors import StorageError
 
-pytest.importorskip("sklearn", reason="the digits dataset needs scikit-learn")
-
 EPOCHS = 3
 
 
-def digits_args(out, *extra):
-    return ["data.name=digits", "data.cache_dir=none", f"out_dir={out}", "model.name=resnet8",
-            "train.batch_size=32", "train.eval_batch_size=512", f"train.epochs={EPOCHS}",
-            "train.max_steps_per_epoch=4", "train.progress=false", "train.tensorboard=false",
-            "train.device=cpu", "train.threads=1", "optim.lr=0.05", *extra]
+@pytest.fixture(scope="module")
+def folder(cifar_root, tmp_path_factory):
+    """4 classes of real CIFAR-100 PNGs, 8 train / 2 test images each."""
+    root = tmp_path_factory.mktemp("folder")
+    classes = sorted(d.name for d in (cifar_root / "train").iterdir())[:4]
+    for split, n in (("train", 8), ("test", 2)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for f in sorted((cifar_root / split / c).iterdir())[:n]:
+                shutil.copy(f, root / split / c / f.name)
+    return root
+
+
+def run_args(root, out, *extra):
+    """A run of EPOCHS epochs of 4 steps (resnet8, batch 8) on ``root``."""
+    return [f"data.root={root}", "data.cache_dir=none", f"out_dir={out}", "model.name=resnet8",
+            "train.batch_size=8", "train.eval_batch_size=64", f"train.epochs={EPOCHS}",
+            "train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.threads=1",
+            "optim.lr=0.05", *extra]
+
+
+def plan_overrides(root, *extra):
+    """run_args without out_dir (the sweep sets it) and the data (in the config file)."""
+    return [a for a in run_args(root, "x") if not a.startswith(("out_dir", "data."))] + list(extra)
+
+
+def data_config(path: Path, root, **data) -> Path:
+    path.write_text(yaml.safe_dump({"data": {"root": str(root), "cache_dir": "none", **data}}))
+    return path
 
 
 def env():
@@ -130,9 +154,9 @@ def test_file_system_without_locks_warns_and_runs_unprotected(tmp_path, monkeypa
 
 # --- two `lsskd train` on one out_dir ----------------------------------------------------
 
-def test_two_trains_on_one_out_dir_exactly_one_trains(tmp_path):
+def test_two_trains_on_one_out_dir_exactly_one_trains(folder, tmp_path):
     run = tmp_path / "run"
-    args = ["train", *digits_args(run, "train.tensorboard=true")]
+    args = ["train", *run_args(folder, run, "train.tensorboard=true")]
     procs = [lsskd_proc(*args), lsskd_proc(*args)]
     outs = [p.communicate(timeout=300) for p in procs]
     rcs = [p.returncode for p in procs]
@@ -153,15 +177,12 @@ def test_two_trains_on_one_out_dir_exactly_one_trains(tmp_path):
 
 # --- two sweeps over one plan ------------------------------------------------------------
 
-def test_two_sweeps_over_one_plan_train_each_run_once(tmp_path):
+def test_two_sweeps_over_one_plan_train_each_run_once(folder, tmp_path):
     plan = tmp_path / "plan.yaml"
-    cfg = tmp_path / "digits.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"name": "digits", "cache_dir": "none"}}))
+    cfg = data_config(tmp_path / "tiny.yaml", folder)
     plan.write_text(yaml.safe_dump({
         "configs": [str(cfg)], "seeds": [0, 1], "grid": {"optim.lr": [0.05, 0.1]},
-        "out_root": str(tmp_path / "res"),
-        "overrides": [a for a in digits_args("x") if not a.startswith(("out_dir", "data."))]
-        + ["train.epochs=2", "train.max_steps_per_epoch=2"]}))
+        "out_root": str(tmp_path / "res"), "overrides": plan_overrides(folder, "train.epochs=2")}))
     procs = [lsskd_proc("sweep", "--plan", str(plan)), lsskd_proc("sweep", "--plan", str(plan))]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -178,26 +199,24 @@ def test_two_sweeps_over_one_plan_train_each_run_once(tmp_path):
         assert not (run / LOCK_NAME).exists()
 
 
-def test_sweep_leaves_a_run_held_elsewhere_and_readers_skip_it(tmp_path, foreign_holder, capsys):
+def test_sweep_leaves_a_run_held_elsewhere_and_readers_skip_it(folder, tmp_path, foreign_holder, capsys):
     """A run whose lock another live process holds: the sweep skips it ("running
     elsewhere", exit 0), the report and tune leave it out and list it."""
-    cfg = tmp_path / "digits.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"name": "digits", "cache_dir": "none", "val_fraction": 0.1,
-                                            "eval_on": "val"}}))
-    over = [a for a in digits_args("x") if not a.startswith(("out_dir", "data."))] + ["train.epochs=1"]
+    cfg = data_config(tmp_path / "tiny.yaml", folder)
+    over = plan_overrides(folder, "train.epochs=1")
     res = tmp_path / "res"
-    held = res / "digits" / "seed1"
+    held = res / "tiny" / "seed1"
     proc = foreign_holder(held)
     rc, out, err = run_lsskd(["sweep", "--configs", str(cfg), "--seeds", "0", "1", "--out-root", str(res), *over],
                              capsys)
     assert rc == 0, err
-    row = [ln for ln in out.splitlines() if ln.startswith("digits/seed1")][0]
+    row = [ln for ln in out.splitlines() if ln.startswith("tiny/seed1")][0]
     assert "elsewhere" in row and f"running elsewhere (pid {proc.pid} on elsewhere-host" in row
     assert "2 runs: 1 trained/resumed, 0 already finished, 1 running elsewhere, 0 failed" in out
     assert os.listdir(held) == [LOCK_NAME]  # nothing written into the held run
 
     # a held run that has a summary (a resumed finished run rewrites it) is still left out
-    (held / "summary.json").write_text((res / "digits" / "seed0" / "summary.json").read_text())
+    (held / "summary.json").write_text((res / "tiny" / "seed0" / "summary.json").read_text())
     rc, out, err = run_lsskd(["report", str(res), "--no-plots", "--out", str(tmp_path / "rep")], capsys)
     assert rc == 0, err
     assert "1 run(s) in 1 group(s); 1 unfinished run(s) left out" in out
@@ -206,23 +225,23 @@ def test_sweep_leaves_a_run_held_elsewhere_and_readers_skip_it(tmp_path, foreign
 
     # tune: seed 1 of the only candidate is held (with a summary): seed 0 trains, seed 1 is
     # left out and listed, so no candidate has all its seeds
-    t_held = res / "t" / "digits-lr0.05" / "seed1"
+    t_held = res / "t" / "tiny-lr0.05" / "seed1"
     proc2 = foreign_holder(t_held)
     (t_held / "summary.json").write_text(json.dumps({"val_top1": 99.0}))
     rc, out, err = run_lsskd(["tune", "--config", str(cfg), "--out-root", str(res / "t"),
-                              "--seeds", "0", "1", "--grid", "optim.lr=[0.05]",
-                              *[o for o in over if not o.startswith("data.")]], capsys)
+                              "--seeds", "0", "1", "--val-fraction", "0.25", "--grid", "optim.lr=[0.05]",
+                              *over], capsys)
     assert rc == 1, err
-    assert (res / "t" / "digits-lr0.05" / "seed0" / "summary.json").is_file()
+    assert (res / "t" / "tiny-lr0.05" / "seed0" / "summary.json").is_file()
     assert f"tune: left out {t_held}: running (pid {proc2.pid} on elsewhere-host" in out
     assert "no candidate finished" in out
 
 
 # --- SIGKILL of a lock holder, then --resume ---------------------------------------------
 
-def test_sigkilled_holder_leaves_no_stale_lock(tmp_path, capsys):
+def test_sigkilled_holder_leaves_no_stale_lock(folder, tmp_path, capsys):
     run = tmp_path / "run"
-    proc = lsskd_proc("train", *digits_args(run, "train.ckpt_every_steps=1", "train.max_steps_per_epoch=8"))
+    proc = lsskd_proc("train", *run_args(folder, run, "train.ckpt_every_steps=1"))
     try:
         deadline = time.time() + 300
         while not (run / "last.pt.sha256").exists():
@@ -266,13 +285,13 @@ def enospc_on(monkeypatch, name: str, call: int):
 
 
 @pytest.mark.parametrize("name,kept_epoch", [("last.pt", 1), ("metrics.jsonl", 1)])
-def test_out_of_space_stops_keeps_the_checkpoint_and_resume_continues(tmp_path, capsys, monkeypatch,
+def test_out_of_space_stops_keeps_the_checkpoint_and_resume_continues(folder, tmp_path, capsys, monkeypatch,
                                                                        name, kept_epoch):
     run = tmp_path / "run"
     # last.pt is saved once per epoch (call 2 = epoch 2); metrics.jsonl is written empty at
     # the start, then once per epoch (call 3 = epoch 2's row)
     enospc_on(monkeypatch, name, 2 if name == "last.pt" else 3)
-    rc, out, err = run_lsskd(["train", *digits_args(run)], capsys)
+    rc, out, err = run_lsskd(["train", *run_args(folder, run)], capsys)
     assert rc == 3 and "Traceback" not in err
     (line,) = err.strip().splitlines()
     assert line.startswith(f"lsskd train: error: run {run} stopped: no space left to write {run / name} "
