@@ -127,6 +127,7 @@ def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path, foreign_h
     msg = str(e.value)
     assert str(other) in msg and f"pid {proc.pid} on elsewhere-host since 2026-01-01T00:00:00Z" in msg
     assert os.listdir(other) == [LOCK_NAME]  # the refused process wrote nothing
+    assert json.loads((other / LOCK_NAME).read_text())["host"] == "elsewhere-host"
     proc.kill()
     proc.wait()
     # the kernel dropped the killed holder's lock: no stale lock, though its file is left

@@ -112,7 +112,10 @@ class RunLock:
         process holds it."""
         folder = Path(folder)
         made_dir = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {folder}: {e.strerror or e}") from None
         key = os.path.realpath(folder)
         with _guard:
             held = _held.get(key) or _adopt(key) or _take(folder, made_dir)
@@ -135,7 +138,7 @@ class RunLock:
             try:
                 # Unlink only our own file, while we hold it: a newer lock file at the same
                 # name (made after ours was removed) belongs to someone else.
-                if h.owner and os.stat(h.path).st_ino == os.fstat(h.fd).st_ino:
+                if h.owner and _same_file(os.stat(h.path), os.fstat(h.fd)):
                     os.unlink(h.path)
             except OSError:
                 pass
@@ -154,6 +157,10 @@ class RunLock:
         return False
 
 
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _warn_unlocked(folder: Path, e: OSError) -> None:
     print(f"warning: the file system of {folder} does not support file locks ({e.strerror}); "
           "this run is not protected from a second process writing into it (docs/reliability.md)",
@@ -167,7 +174,7 @@ def _adopt(key: str) -> Optional[_Held]:
         return None
     fd, path = int(fd_text), Path(key) / LOCK_NAME
     try:
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+        if not _same_file(os.fstat(fd), os.stat(path)):
             return None
     except OSError:
         return None
@@ -195,6 +202,8 @@ def _take(folder: Path, made_dir: bool) -> _Held:
         except FileNotFoundError:  # the folder was removed by a holder that created it
             folder.mkdir(parents=True, exist_ok=True)
             continue
+        except OSError as e:  # a read-only folder, a full disk, ...
+            raise RunDirError(f"cannot create the lock file {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -211,7 +220,7 @@ def _take(folder: Path, made_dir: bool) -> _Held:
                 continue
             raise RunLockedError(folder, info) from None
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = _same_file(os.stat(path), os.fstat(fd))
         except FileNotFoundError:
             same = False
         if not same:  # the file was removed (by its releasing holder) before we locked it
