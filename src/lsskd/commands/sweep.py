@@ -15,7 +15,9 @@ def add_parser(sub):
     p = sub.add_parser(
         "sweep", help="run configs x seeds (x grid) into one results tree; skips finished runs, resumes interrupted ones",
         description="Run every config x grid point x seed into <out_root>/<config-stem>[-<grid tag>]/seed<k>. "
-                    "Finished runs (summary.json) are skipped, interrupted ones (last.pt) resumed.")
+                    "Finished runs (summary.json) are skipped, interrupted ones (last.pt) resumed, and runs "
+                    "another process is training are left to it: start the same sweep on several GPUs or "
+                    "machines to split the runs between them.")
     p.add_argument("--plan", help="sweep YAML: {configs, seeds, overrides, grid, out_root, only}")
     p.add_argument("--configs", nargs="+", default=None, metavar="YAML", help="training configs")
     p.add_argument("--seeds", nargs="+", default=None, metavar="K", help="seeds (default: 0)")
