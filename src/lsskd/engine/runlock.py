@@ -195,8 +195,6 @@ def _write_record(fd: int) -> None:
 def _take(folder: Path, made_dir: bool) -> _Held:
     path = folder / LOCK_NAME
     for attempt in range(RETRIES):
-        if fcntl is None:
-            return _Held(os.open(folder, os.O_RDONLY), path, made_dir, owner=False)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except FileNotFoundError:  # the folder was removed by a holder that created it
@@ -204,6 +202,9 @@ def _take(folder: Path, made_dir: bool) -> _Held:
             continue
         except OSError as e:  # a read-only folder, a full disk, ...
             raise RunDirError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+        if fcntl is None:  # no flock on this platform: a record, but no protection
+            _write_record(fd)
+            return _Held(fd, path, made_dir, owner=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -146,7 +146,12 @@ def left_out_reason(d: Path) -> str:
         return f"running ({describe(who)})"
     if not (d / "summary.json").is_file():
         return "no summary.json"
-    return "summary.json has no test_top1"
+    try:
+        finished = json.loads((d / "summary.json").read_text()).get("test_top1") is not None
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    # A run that was being written when the runs were collected may have finished since.
+    return "finished after the runs were collected" if finished else "summary.json has no test_top1"
 
 
 def freeze(v: Any) -> str:
