@@ -194,7 +194,7 @@ def test_crash_during_save_keeps_a_valid_checkpoint(tmp_path, monkeypatch, capsy
 
 def test_metrics_tolerate_a_torn_line_and_are_rewritten_atomically(tiny, tmp_path):
     tr = Trainer(tiny_cfg(tmp_path / "r", "ce", "train.epochs=1", "train.max_steps_per_epoch=1"), bundle=tiny)
-    tr.run_dir.mkdir()
+    tr.run_dir.mkdir(exist_ok=True)  # made by the run lock
     (tr.run_dir / "metrics.jsonl").write_text('{"epoch": 1, "x": 1}\n{"epoch": 2, "x"')
     tr.rundir.append_metrics({"epoch": 2, "x": 2})
     assert [json.loads(ln) for ln in (tr.run_dir / "metrics.jsonl").read_text().splitlines()] == \

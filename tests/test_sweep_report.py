@@ -321,7 +321,10 @@ def test_sweep_parallel_failures_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert out.count("failed") >= 2 and "2 failed" in out
-    assert "no_such_data" in out  # the DataError naming the missing folder reaches the table
+    # the DataError naming the missing folder reaches the table: each child got past the
+    # run lock its parent handed down to it (issue 30), and the lock is gone afterwards
+    assert "no_such_data" in out
+    assert not list((tmp_path / "res").rglob("run.lock"))
     log = (tmp_path / "res" / "bad" / "seed1" / "sweep.log").read_text()
     assert "-m lsskd train --config" in log and "seed=1" in log
 

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import USER_ERRORS, ResourceError, oom_errors
+    from .errors import USER_ERRORS, ResourceError, StorageError, oom_errors
 
     args = build_parser().parse_args(argv)
     try:
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
         msg = "; ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())
         print(f"lsskd {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except StorageError as e:  # out of disk space: a resource, like memory
+        print(f"lsskd {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except oom_errors() as e:  # the trainer's ResourceError (a MemoryError) or a raw OOM
         if isinstance(e, ResourceError):
             print(f"lsskd {args.command}: error: {e}", file=sys.stderr)

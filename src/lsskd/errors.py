@@ -34,6 +34,21 @@ class ResourceError(MemoryError):
     A ``MemoryError`` so callers that catch that still see it."""
 
 
+class StorageError(OSError):
+    """A write failed for lack of disk space (or quota, or a file-size limit); the message
+    names the file and says what was kept. An ``OSError`` so callers that catch that still
+    see it."""
+
+
+def is_out_of_space(e: BaseException) -> bool:
+    """True for the ``OSError`` of a full disk (ENOSPC), an exceeded quota (EDQUOT) or a
+    file-size limit (EFBIG)."""
+    import errno
+
+    codes = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    return isinstance(e, OSError) and e.errno in codes
+
+
 class CLIError(Exception):
     """A user-facing error of a command's arguments."""
 

@@ -11,6 +11,7 @@ def add_parser(sub):
     p = sub.add_parser(
         "report", help="aggregate run directories (mean ± std over seeds) into report.md/.csv and plots",
         description="Collect every finished run (summary.json) under the given folders, group the seeds "
+                    "(runs still being written, whose lock a live process holds, are left out and listed), "
                     "of each config, and write report.md, report.csv and PNG plots. The headline is the "
                     "last-epoch test top-1; the best-epoch number is reported beside it, labelled.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or folders of them (searched recursively)")
@@ -32,6 +33,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..report import build_report, describe_repeats
+    from ..report.runs import left_out_reason
 
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] or None
     out = args.out or args.runs[0]
@@ -48,6 +50,8 @@ def run(args) -> int:
         print(f"warning: {line}; add one of these to --group-by to keep them apart", file=sys.stderr)
     print(f"{len(rep.runs)} run(s) in {len(rep.groups)} group(s)"
           + (f"; {len(rep.unfinished)} unfinished run(s) left out" if rep.unfinished else ""))
+    for d in rep.unfinished:
+        print(f"  left out {d}: {left_out_reason(d)}")
     for g in rep.groups:
         m, s = g.stats["top1"]
         print(f"  {g.label}: top-1 (last epoch) {m:.2f}" + (f" ± {s:.2f}" if s is not None else "")

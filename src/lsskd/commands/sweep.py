@@ -15,7 +15,9 @@ def add_parser(sub):
     p = sub.add_parser(
         "sweep", help="run configs x seeds (x grid) into one results tree; skips finished runs, resumes interrupted ones",
         description="Run every config x grid point x seed into <out_root>/<config-stem>[-<grid tag>]/seed<k>. "
-                    "Finished runs (summary.json) are skipped, interrupted ones (last.pt) resumed.")
+                    "Finished runs (summary.json) are skipped, interrupted ones (last.pt) resumed, and runs "
+                    "another process is training are left to it: start the same sweep on several GPUs or "
+                    "machines to split the runs between them.")
     p.add_argument("--plan", help="sweep YAML: {configs, seeds, overrides, grid, out_root, only}")
     p.add_argument("--configs", nargs="+", default=None, metavar="YAML", help="training configs")
     p.add_argument("--seeds", nargs="+", default=None, metavar="K", help="seeds (default: 0)")
@@ -89,5 +91,9 @@ def run(args) -> int:
     failed = [r for r in results if r.status == "failed"]
     n_ok = sum(r.status == "ok" for r in results)
     n_skip = sum(r.status == "skipped" for r in results)
-    print(f"\n{len(results)} runs: {n_ok} trained/resumed, {n_skip} already finished, {len(failed)} failed")
+    n_else = sum(r.status == "elsewhere" for r in results)
+    n_left = sum(r.status == "planned" for r in results)
+    print(f"\n{len(results)} runs: {n_ok} trained/resumed, {n_skip} already finished, "
+          + (f"{n_else} running elsewhere, " if n_else else "")
+          + (f"{n_left} not started, " if n_left else "") + f"{len(failed)} failed")
     return 1 if failed else 0

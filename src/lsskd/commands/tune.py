@@ -21,6 +21,8 @@ from statistics import mean, stdev
 
 from ..config import ConfigError, dump, nest_overrides, parse_override
 from ..engine.checkpoint import atomic_write_json, atomic_write_text
+from ..engine.runlock import holder
+from ..report.runs import left_out_reason
 from ..sweep import expand, format_table, grid_points, run_sweep
 
 
@@ -106,16 +108,22 @@ def run(args) -> int:
     if args.dry_run:
         return 0
     stem = Path(args.config).stem
-    candidates = []
+    candidates, left_out = [], []
     for tag, over in grid_points(grid):
         group = stem + (f"-{tag}" if tag else "")
         scores = []
         for s in args.seeds:
-            summ = Path(args.out_root) / group / f"seed{s}" / "summary.json"
-            if summ.is_file():
-                scores.append(json.loads(summ.read_text())["val_top1"])
+            run = Path(args.out_root) / group / f"seed{s}"
+            # Only finished runs: one another process is writing (a tune or sweep beside
+            # this one) is left out, as is one without a summary.
+            if (run / "summary.json").is_file() and holder(run) is None:
+                scores.append(json.loads((run / "summary.json").read_text())["val_top1"])
+            else:
+                left_out.append(f"{run}: {left_out_reason(run)}")
         candidates.append({"group": group, "overrides": over, "val_top1": scores,
                            "mean_val_top1": mean(scores) if len(scores) == len(args.seeds) else None})
+    for line in left_out:
+        print(f"tune: left out {line}")
     done = [c for c in candidates if c["mean_val_top1"] is not None]
     if not done:
         print("tune: no candidate finished; nothing chosen")

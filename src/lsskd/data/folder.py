@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import StorageError, is_out_of_space
 from .base import ArrayDataset, DataError, plan_subset
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -218,15 +219,21 @@ def load_items(
     del arrays
     y = np.array([label for _, label in items], dtype=np.int64)
     if cache_path is not None:
+        tmp = cache_path.with_suffix(f".tmp{os.getpid()}.npz")
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(f".tmp{os.getpid()}.npz")
             np.savez(tmp, x=x, y=y)
             os.replace(tmp, cache_path)
             if progress:
                 print(f"{name or 'dataset'}: decoded {len(y):,} images; cache written to {cache_path} "
                       f"({_human_bytes(cache_path.stat().st_size)})", file=sys.stderr)
         except OSError as e:
+            if tmp.exists():
+                tmp.unlink()  # never leave a partial cache behind
+            if is_out_of_space(e):
+                # The run's own checkpoints would fail next: stop now, saying why.
+                raise StorageError(f"no space left to write the decoded cache {cache_path} ({e.strerror}); "
+                                   "free space, or set data.cache_dir=none to decode without a cache") from None
             if progress:
                 print(f"{name or 'dataset'}: could not write the decoded cache {cache_path}: {e}",
                       file=sys.stderr)  # caching is an optimisation only

@@ -10,6 +10,8 @@ Guarantees (docs/reliability.md lists the tests that prove them):
 * ``save_checkpoint(..., keep_previous=True)`` first hard-links the current file
   and its sidecar to ``<name>.prev.pt`` (again via temp name + rename), so at
   every instant at least one of the two holds a complete, verified checkpoint.
+* A write that fails for lack of space (ENOSPC, EDQUOT, EFBIG) removes its temporary
+  file and raises :class:`StorageError` naming the file, which is left as it was.
 * ``torch.load`` runs with ``weights_only=True`` (tensors, numbers, strings and
   plain containers only, no arbitrary code) unless the caller opts out.
 """
@@ -30,7 +32,7 @@ import torch
 from ..data.download import file_digest
 
 
-from ..errors import CheckpointError  # noqa: E402,F401 - re-exported
+from ..errors import CheckpointError, StorageError, is_out_of_space  # noqa: E402,F401 - re-exported
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -59,12 +61,22 @@ def _write_atomic(path: Path, write) -> str:
             os.fsync(f.fileno())
         digest = file_digest(tmp, "sha256")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_out_of_space(e):
+            raise out_of_space(path, e) from None
         raise
     _fsync_dir(path.parent)
     return digest
+
+
+def out_of_space(path: Path, e: OSError) -> StorageError:
+    """The :class:`StorageError` of a write to ``path`` that ran out of space; the file
+    itself is unchanged (the partial temporary file has been removed)."""
+    err = StorageError(f"no space left to write {path} ({e.strerror or e}); the file was left as it was")
+    err.errno = e.errno
+    return err
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -101,7 +113,14 @@ def _link_atomic(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:  # file systems without hard links
-        shutil.copy2(src, tmp)
+        try:
+            shutil.copy2(src, tmp)
+        except OSError as e:
+            if tmp.exists():
+                tmp.unlink()
+            if is_out_of_space(e):
+                raise out_of_space(dst, e) from None
+            raise
     os.replace(tmp, dst)
 
 

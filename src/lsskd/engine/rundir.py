@@ -3,7 +3,8 @@
 A run directory holds ``config.yaml`` (the resolved config plus the provenance of the
 code that made it), ``metrics.jsonl`` (one JSON line per finished epoch),
 ``summary.json``, ``last.pt`` / ``best.pt`` (see :mod:`lsskd.engine.state`) and
-TensorBoard events under ``tb/``. Every file is written atomically.
+TensorBoard events under ``tb/``. Every file is written atomically. While a process
+writes the run it holds ``run.lock`` (:mod:`lsskd.engine.runlock`): one writer per run.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional
 
 from ..config import PROVENANCE_KEY, dump
 from .checkpoint import atomic_write_json, atomic_write_text, previous_path
+from .runlock import RunLock, holder
 
 
 from ..errors import RunDirError  # noqa: E402,F401 - re-exported
@@ -67,6 +69,15 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    def lock(self) -> RunLock:
+        """Take the run's exclusive lock (creating the folder); :class:`RunLockedError`
+        (a :class:`RunDirError`) names the holder when another process has it."""
+        return RunLock.acquire(self.path)
+
+    def holder(self):
+        """What is known of the live process that holds this run's lock; None if none."""
+        return holder(self.path)
 
     def check(self, resume: bool) -> None:
         """A fresh run needs a folder without a run in it; a resumed one needs a checkpoint."""

@@ -10,6 +10,7 @@ the summary are the remaining bulk, and each reads the trainer's whole state.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ from torch import nn
 from .. import __version__
 from ..config import ConfigError, check_config
 from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data
-from ..errors import NonFiniteError, ResourceError, oom_errors  # noqa: F401 - re-exported
+from ..errors import NonFiniteError, ResourceError, StorageError, oom_errors  # noqa: F401 - re-exported
 from ..models import build_model
 from ..methods.base import MethodContext
 from ..methods.store import StoreBase
@@ -104,9 +105,25 @@ def _pinned_batch(xb: torch.Tensor) -> torch.Tensor:
     return out.copy_(xb)
 
 
-class Trainer:
-    """``unsafe_load``: resume with ``torch.load(weights_only=False)`` (trusted files only)."""
+def _release_on_failure(init):
+    """A Trainer whose construction fails gives its run directory's lock back at once
+    (and removes the folder if it made it and nothing was written)."""
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+    return wrapped
 
+
+class Trainer:
+    """``unsafe_load``: resume with ``torch.load(weights_only=False)`` (trusted files only).
+    The main process holds the run directory's lock from construction until :meth:`fit`
+    ends (or :meth:`close`)."""
+
+    @_release_on_failure
     def __init__(self, cfg: Dict, resume: bool = False, bundle: DataBundle | None = None,
                  unsafe_load: bool = False):
         check_config(cfg)  # ranges, choices, names: before any data is loaded
@@ -119,6 +136,8 @@ class Trainer:
         self.rundir = RunDir(cfg["out_dir"])
         self.run_dir = self.rundir.path
         self.resume = resume
+        # One writer per run directory: locked before anything is read or written.
+        self.lock = self.rundir.lock() if self.dist.is_main else None
         self.rundir.check(resume)
         if self.tcfg["threads"] > 0:
             torch.set_num_threads(self.tcfg["threads"])
@@ -202,6 +221,11 @@ class Trainer:
         back as :class:`ResourceError` saying where they happened and what to lower."""
         try:
             return self._fit()
+        except StorageError as e:
+            last = self.run_dir / "last.pt"
+            kept = (f"its last checkpoint is kept ({last}): free space, then `lsskd train --resume "
+                    f"{self.run_dir}`" if last.is_file() else "no checkpoint had been written yet")
+            raise StorageError(f"run {self.run_dir} stopped: {e}; {kept}") from e
         except oom_errors() as e:
             if isinstance(e, ResourceError):
                 raise
@@ -212,6 +236,18 @@ class Trainer:
                 f"{self.tcfg['eval_batch_size']}), or set method.store_dtype=float16 for methods "
                 "with a soft-target store; resume with `lsskd train --resume "
                 f"{self.run_dir}` once a checkpoint exists") from e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close TensorBoard's writer, then give the run directory's lock back (:meth:`fit`
+        does both when it ends, however it ends)."""
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+        lock, self.lock = getattr(self, "lock", None), None
+        if lock is not None:
+            lock.release()
 
     def _fit(self) -> Dict:
         t = self.tcfg

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..config import ConfigError, flatten, is_execution_key
+from ..engine.runlock import LOCK_NAME, describe, holder
 from ..errors import DataError
 
 
@@ -109,8 +110,9 @@ def load_run(path: str | Path) -> Run:
 
 def find_runs(paths: Sequence[str | Path]) -> Tuple[List[Run], List[Path]]:
     """Finished runs under ``paths`` (searched recursively), and the directories of
-    unfinished ones (``metrics.jsonl`` or ``last.pt`` without ``summary.json``, or a
-    summary without ``test_top1``)."""
+    unfinished ones (``metrics.jsonl`` or ``last.pt`` without ``summary.json``, a summary
+    without ``test_top1``, or a run whose lock a live process holds: it is being written,
+    so nothing in it is read). :func:`left_out_reason` says which."""
     runs, unfinished, seen = [], [], set()
     for p in paths:
         p = Path(p)
@@ -120,16 +122,36 @@ def find_runs(paths: Sequence[str | Path]) -> Tuple[List[Run], List[Path]]:
             d = s.parent.resolve()
             if d not in seen:
                 seen.add(d)
+                if holder(s.parent) is not None:
+                    unfinished.append(s.parent)
+                    continue
                 run = load_run(s.parent)
                 # A summary without a last-epoch accuracy has nothing to average.
                 (runs.append(run) if run.summary.get("test_top1") is not None else unfinished.append(s.parent))
-        for marker in ("metrics.jsonl", "last.pt"):
+        for marker in ("metrics.jsonl", "last.pt", LOCK_NAME):
             for m in sorted(p.rglob(marker)) if p.is_dir() else []:
                 d = m.parent
+                if marker == LOCK_NAME and holder(d) is None:
+                    continue  # left by a run killed before it wrote anything
                 if not (d / "summary.json").is_file() and d.resolve() not in seen:
                     seen.add(d.resolve())
                     unfinished.append(d)
     return runs, unfinished
+
+
+def left_out_reason(d: Path) -> str:
+    """Why :func:`find_runs` left the run directory ``d`` out."""
+    who = holder(d)
+    if who is not None:
+        return f"running ({describe(who)})"
+    if not (d / "summary.json").is_file():
+        return "no summary.json"
+    try:
+        finished = json.loads((d / "summary.json").read_text()).get("test_top1") is not None
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    # A run that was being written when the runs were collected may have finished since.
+    return "finished after the runs were collected" if finished else "summary.json has no test_top1"
 
 
 def freeze(v: Any) -> str:

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .runs import Group, Run, dataset_name, fmt_setting, freeze, identity, method_name
+from .runs import Group, Run, dataset_name, fmt_setting, freeze, identity, left_out_reason, method_name
 
 BEST_LABEL = "best epoch (not the headline)"
 
@@ -264,7 +264,7 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
     L.append("")
     if unfinished:
         L += ["## Unfinished runs (not included)", ""]
-        L += [f"- `{d}`" for d in unfinished]
+        L += [f"- `{d}`: {left_out_reason(d)}" for d in unfinished]
         L.append("")
     return "\n".join(L)
 

@@ -8,7 +8,10 @@ no ``summary.json`` was interrupted and is resumed from its checkpoint; one with
 neither is trained from scratch. Runs execute one after another in this process
 (the same code path as ``lsskd train``), or as ``--jobs N`` parallel
 ``python -m lsskd train`` subprocesses. A failing run is reported and the sweep
-goes on; the exit status is 1 when any run failed.
+goes on; the exit status is 1 when any run failed. Each run is trained under its
+directory's lock (:mod:`lsskd.engine.runlock`): a run another live process holds is
+left to it ("running elsewhere"), so the same sweep started on several GPUs or machines
+that share the results folder splits the runs between them.
 
 Plan file (``--plan FILE``, all keys optional except ``configs``)::
 
@@ -25,11 +28,11 @@ command-line overrides and ``--grid`` entries are added to the plan's.
 The package: :mod:`.planning` (plan files, grid, run list, skip/resume/train decisions)
 and :mod:`.execution` (in-process runs, the subprocess pool, the results table).
 """
-from .execution import (data_key, execute, format_table, run_in_process, run_sweep, torch_globals_restored,
-                        train_command)
+from .execution import (claim, data_key, execute, format_table, run_in_process, run_sweep,
+                        torch_globals_restored, train_command)
 from .planning import (PLAN_KEYS, RESERVED, RunResult, RunSpec, check_seeds, config_drift, expand, grid_points,
                        load_plan, plan_actions, resolve_config)
 
-__all__ = ["PLAN_KEYS", "RESERVED", "RunResult", "RunSpec", "check_seeds", "config_drift", "data_key", "execute",
+__all__ = ["PLAN_KEYS", "RESERVED", "RunResult", "RunSpec", "check_seeds", "claim", "config_drift", "data_key", "execute",
            "expand", "format_table", "grid_points", "load_plan", "plan_actions", "resolve_config", "run_in_process",
            "run_sweep", "torch_globals_restored", "train_command"]

@@ -1,7 +1,13 @@
 """Executing a planned sweep: one run after another in this process (the same code path
 as ``lsskd train``, with decoded data shared between consecutive runs and torch's global
 settings restored after each), or ``jobs`` parallel ``python -m lsskd train``
-subprocesses; and the results table."""
+subprocesses; and the results table.
+
+Each run is claimed (:func:`claim`) before anything touches its directory: its lock is
+taken and its state read again under the lock, so that several sweeps over one plan
+(other terminals, GPUs or machines sharing the results folder) split the runs between
+them: a run another process holds is left to it ("running elsewhere"), one it has
+finished counts as finished."""
 from __future__ import annotations
 
 import json
@@ -14,7 +20,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import build_config, run_config
-from ..errors import USER_ERRORS
+from ..engine.runlock import INHERIT_ENV, RunLock, RunLockedError, describe, holder
+from ..errors import USER_ERRORS, StorageError
 from .planning import RunResult, RunSpec, plan_actions
 
 
@@ -61,12 +68,46 @@ class torch_globals_restored:
         return False
 
 
+def claim(res: RunResult) -> Optional[RunLock]:
+    """Take ``res``'s run lock and decide its action again under it: None (with ``res``
+    marked) when another live process holds the run (status ``elsewhere``) or has finished
+    it since the plan was made (``skipped``); otherwise the held lock, and ``res.action``
+    is ``resume`` or ``train`` as the directory now says."""
+    spec = res.spec
+    who = holder(spec.out_dir)  # cheap first look: no waiting on a lock that is surely held
+    if who is not None:
+        res.status, res.note = "elsewhere", f"running elsewhere ({describe(who)})"
+        return None
+    try:
+        lock = RunLock.acquire(spec.out_dir)
+    except RunLockedError as e:
+        res.status, res.note = "elsewhere", f"running elsewhere ({describe(e.info)})"
+        return None
+    state = spec.state()
+    if state == "done":
+        lock.release()
+        res.action, res.status, res.top1 = "skip", "skipped", spec.finished_top1()
+        res.note = "finished by another process"
+        return None
+    res.action = "resume" if state == "resume" else "train"
+    return lock
+
+
 def run_in_process(res: RunResult, bundles: Dict[str, Any]) -> None:
-    """Train/resume one run with the same code as ``lsskd train``.
+    """Train/resume one run with the same code as ``lsskd train``, holding its lock
+    (:func:`claim`; nothing happens when another process has the run).
 
     ``bundles`` caches decoded datasets by their ``data`` config so consecutive
     runs of the same data (the seeds of one config) decode it once; data loading
     does not depend on the run's seed, so this changes no result."""
+    lock = claim(res)
+    if lock is None:
+        return
+    with lock:
+        _run_claimed(res, bundles)
+
+
+def _run_claimed(res: RunResult, bundles: Dict[str, Any]) -> None:
     from ..engine.trainer import Trainer
 
     spec = res.spec
@@ -124,7 +165,8 @@ def run_sweep(specs: Sequence[RunSpec], jobs: int = 1, dry_run: bool = False,
 def execute(results: Sequence[RunResult], jobs: int = 1, bundles: Optional[Dict[str, Any]] = None,
             log=print) -> None:
     """Run the planned results in place. On Ctrl-C the current run(s) are marked
-    failed, the rest stay ``planned``, and KeyboardInterrupt propagates."""
+    failed, the rest stay ``planned``, and KeyboardInterrupt propagates. A run that
+    fails for lack of disk space stops the sweep (the runs after it stay ``planned``)."""
     todo = [r for r in results if r.action != "skip"]
     if jobs > 1:
         _run_parallel(todo, jobs, log)
@@ -135,48 +177,64 @@ def execute(results: Sequence[RunResult], jobs: int = 1, bundles: Optional[Dict[
         t0 = time.time()
         try:
             run_in_process(r, bundles)
-            r.status = "ok"
         except KeyboardInterrupt:
             r.status, r.note = "failed", "interrupted (Ctrl-C); rerun the sweep to resume"
             r.seconds = time.time() - t0
             raise
         except Exception as e:  # one bad run must not stop the sweep
             r.status, r.note = "failed", _short_error(e)
+            r.seconds = time.time() - t0
             log(f"[sweep] {r.spec.name} failed: {r.note}")
+            if isinstance(e, StorageError):
+                log("[sweep] stopping: out of disk space; free some, then rerun the sweep to resume")
+                return
             if not isinstance(e, USER_ERRORS):
                 traceback.print_exc()
-        r.seconds = time.time() - t0
+            continue
+        if r.status == "planned":
+            r.status, r.seconds = "ok", time.time() - t0
+        else:  # claimed by another process, or finished by it since the plan was made
+            log(f"[sweep] {r.spec.name}: {r.note}")
 
 
 def _run_parallel(todo: List[RunResult], jobs: int, log) -> None:
+    """``jobs`` runs at a time as ``python -m lsskd train`` subprocesses. This process
+    claims each run (:func:`claim`) and hands its held lock down to the child (the lock
+    is released only when both have let go of it), so no other sweep can slip in
+    between the claim and the child's start."""
     env = dict(os.environ)
     # N concurrent torch processes each using every core would oversubscribe the CPU.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     env["PYTHONUNBUFFERED"] = "1"
     pending = list(todo)
-    running: List[tuple[RunResult, subprocess.Popen, float, Any]] = []
+    running: List[tuple[RunResult, subprocess.Popen, float, Any, RunLock]] = []
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 r = pending.pop(0)
+                lock = claim(r)
+                if lock is None:
+                    log(f"[sweep] {r.spec.name}: {r.note}")
+                    continue
                 if r.action == "train":
                     _clear_partial(r.spec)
-                r.spec.out_dir.mkdir(parents=True, exist_ok=True)
                 logf = open(r.spec.out_dir / "sweep.log", "a")
                 cmd = train_command(r)
                 logf.write(f"$ {' '.join(cmd)}\n")
                 logf.flush()
                 log(f"[sweep] start {r.action} {r.spec.name} (log: {r.spec.out_dir / 'sweep.log'})")
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-                running.append((r, proc, time.time(), logf))
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                        env={**env, INHERIT_ENV: lock.handoff()}, pass_fds=(lock.fd,))
+                running.append((r, proc, time.time(), logf, lock))
             time.sleep(0.2)
             still = []
-            for r, proc, t0, logf in running:
+            for r, proc, t0, logf, lock in running:
                 rc = proc.poll()
                 if rc is None:
-                    still.append((r, proc, t0, logf))
+                    still.append((r, proc, t0, logf, lock))
                     continue
                 logf.close()
+                lock.release()
                 r.seconds = time.time() - t0
                 if rc == 0 and (r.spec.out_dir / "summary.json").is_file():
                     r.status, r.top1 = "ok", r.spec.finished_top1()
@@ -186,14 +244,15 @@ def _run_parallel(todo: List[RunResult], jobs: int, log) -> None:
                 log(f"[sweep] {r.status} {r.spec.name}" + (f": {r.note}" if r.status == "failed" else ""))
             running = still
     except KeyboardInterrupt:
-        for r, proc, t0, logf in running:
+        for r, proc, t0, logf, lock in running:
             proc.terminate()
-        for r, proc, t0, logf in running:
+        for r, proc, t0, logf, lock in running:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
             logf.close()
+            lock.release()
             r.status, r.note = "failed", "interrupted (Ctrl-C); rerun the sweep to resume"
         raise
 

@@ -1,6 +1,7 @@
 """Planning a sweep: plan files, the grid, the list of runs (:class:`RunSpec`) and what
 each needs (:func:`plan_actions`: skip a finished run, resume an interrupted one, train
-a new one; a finished or resumed run whose saved config differs from the plan is noted).
+a new one; a finished or resumed run whose saved config differs from the plan, or a run
+another process holds the lock of, is noted).
 Nothing here trains; :mod:`lsskd.sweep.execution` runs the plan."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ..config import ConfigError, build_config, flatten, is_execution_key, merge, parse_override
+from ..engine.runlock import describe, holder
 
 PLAN_KEYS = {"configs", "seeds", "overrides", "grid", "out_root", "only"}
 # Keys the sweep sets itself for every run.
@@ -58,7 +60,7 @@ class RunSpec:
 class RunResult:
     spec: RunSpec
     action: str  # train | resume | skip
-    status: str = "planned"  # planned | ok | skipped | failed
+    status: str = "planned"  # planned | ok | skipped | elsewhere (another process has it) | failed
     top1: Optional[float] = None
     seconds: Optional[float] = None
     note: str = ""
@@ -254,5 +256,10 @@ def plan_actions(specs: Sequence[RunSpec]) -> List[RunResult]:
             res.note = f"its config.yaml differs from the plan in {shown}; kept as is (delete the dir to rerun)"
         if st == "restart":
             res.note = "no checkpoint yet: restarted from scratch"
+        if st != "done":
+            # Decided again when the run's turn comes (execution.claim); shown for --dry-run.
+            who = holder(spec.out_dir)
+            if who is not None:
+                res.note = f"running elsewhere now ({describe(who)})"
         results.append(res)
     return results
