@@ -1,4 +1,4 @@
-"""``lsskd export --checkpoint FILE --format torchscript|onnx``: ship the bare backbone."""
+"""``lsskd export --checkpoint FILE --format torchscript|onnx|executorch``: ship the bare backbone."""
 from __future__ import annotations
 
 import json
@@ -6,19 +6,25 @@ from pathlib import Path
 
 
 def add_parser(sub):
-    p = sub.add_parser("export", help="export the deployed backbone to TorchScript or ONNX (+ metadata JSON)")
+    p = sub.add_parser("export", help="export the deployed backbone to ONNX, ExecuTorch or TorchScript "
+                                      "(+ metadata JSON)")
     p.add_argument("--checkpoint", required=True, help="last.pt / best.pt written by `lsskd train`")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="file format to write")
-    p.add_argument("--out", help="output file (default: next to the checkpoint, .ts / .onnx); "
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx", "executorch"],
+                   help="file format to write (executorch: a .pte for the ExecuTorch runtime, XNNPACK-lowered, "
+                        "needs lsskd[edge]; torchscript is legacy)")
+    p.add_argument("--out", help="output file (default: next to the checkpoint, .ts / .onnx / .pte); "
                                  "metadata goes to OUT.json")
+    p.add_argument("--onnx-exporter", choices=["auto", "dynamo", "torchscript"], default=None,
+                   help="ONNX only: 'auto' (default): the torch.export-based exporter, falling back to the "
+                        "TorchScript-based one (reason on stderr); 'dynamo' or 'torchscript' to force one")
     p.add_argument("--parity-images", type=int, default=64,
                    help="test inputs used to check the exported file against PyTorch (0 = skip)")
     p.add_argument("--parity-inputs", default="test", choices=["test", "random"],
                    help="'test': the run's real test split (needs its data); 'random': N(0,1) inputs")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |diff| of logits (fp32)")
     p.add_argument("--int8", action="store_true",
-                   help="ONNX only: also write OUT with .int8.onnx, statically quantised (onnxruntime), "
-                        "and report test top-1 before/after")
+                   help="ONNX / ExecuTorch: also write OUT with .int8.onnx (onnxruntime static QDQ) or .int8.pte "
+                        "(PT2E static, XNNPACK), and report test top-1 through the runtime before/after")
     p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration")
     p.add_argument("--eval-images", type=int, default=0, help="test images for the int8 accuracy check (0 = all)")
     p.add_argument("--unsafe-load", action="store_true",
@@ -28,6 +34,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    import sys
+
     import torch
 
     from .. import deploy
@@ -38,8 +46,11 @@ def run(args) -> int:
     run = deploy.read_run(args.checkpoint, args.overrides, weights_only=not args.unsafe_load)
     dep = deploy.load_deployed(run)
     out = Path(args.out) if args.out else deploy.default_export_path(args.checkpoint, args.format)
-    if args.int8 and args.format != "onnx":
-        raise CLIError("--int8 needs --format onnx")
+    if args.int8 and args.format not in ("onnx", "executorch"):
+        raise CLIError("--int8 needs --format onnx or --format executorch")
+    if args.calib_images < 1 or args.eval_images < 0:
+        raise CLIError(f"--calib-images must be >= 1 and --eval-images >= 0, got {args.calib_images} "
+                       f"and {args.eval_images}")
     parity_x, source = None, ""
     if args.parity_images > 0:
         if args.parity_inputs == "test":
@@ -49,12 +60,15 @@ def run(args) -> int:
             parity_x = torch.randn(args.parity_images, *dep.input_shape, generator=torch.Generator().manual_seed(0))
             source = f"{args.parity_images} N(0,1) inputs (seed 0)"
     try:
-        meta = deploy.export(dep, args.format, out, parity_x, source, args.tolerance)
+        meta = deploy.export(dep, args.format, out, parity_x, source, args.tolerance, args.onnx_exporter)
     except deploy.ExportError as e:
         raise CLIError(str(e)) from None
+    if meta.get("onnx_fallback_reason"):
+        print(f"onnx: the torch.export-based exporter was not used ({meta['onnx_fallback_reason']}); "
+              "wrote the file with the TorchScript-based exporter", file=sys.stderr)
     report = {"file": str(out), "metadata": str(deploy.metadata_path(out)), "format": args.format,
-              "bytes": meta["bytes"], "sha256": meta["sha256"], "params": meta["params"],
-              "parity": meta.get("parity")}
+              "exporter": meta["exporter"], "bytes": meta["bytes"], "sha256": meta["sha256"],
+              "params": meta["params"], "parity": meta.get("parity")}
     if args.int8:
         report["int8"] = _int8(args, run, dep, out)
     print(json.dumps(report, indent=2))
@@ -73,18 +87,27 @@ def _int8(args, run, dep, out: Path) -> dict:
     # A random subset: the training set is stored class by class.
     pick = torch.randperm(len(bundle.train), generator=g)[: args.calib_images]
     calib = dep.normalize(bundle.train.x[pick])
-    n = args.eval_images or len(bundle.test)
-    xt, yt = dep.normalize(bundle.test.x[:n]), bundle.test.y[:n]
-    qout = out.with_name(out.name[: -len(out.suffix)] + ".int8.onnx") if out.suffix else out.with_name(out.name + ".int8.onnx")
+    n = min(args.eval_images or len(bundle.test), len(bundle.test))
+    # Evenly spaced: the test split is stored class by class.
+    rows = torch.linspace(0, len(bundle.test) - 1, n).round().long()
+    xt, yt = dep.normalize(bundle.test.x[rows]), bundle.test.y[rows]
+    suffix = ".int8.pte" if args.format == "executorch" else ".int8.onnx"
+    qout = out.with_name((out.name[: -len(out.suffix)] if out.suffix else out.name) + suffix)
     try:
-        deploy.quantize_onnx(out, qout, calib)
+        if args.format == "executorch":
+            deploy.quantize_executorch(dep, qout, calib, out)
+        else:
+            deploy.quantize_onnx(out, qout, calib)
         fp32 = deploy.accuracy(deploy.load_runner(out), xt, yt)
         int8 = deploy.accuracy(deploy.load_runner(qout), xt, yt)
     except deploy.ExportError as e:
         raise CLIError(str(e)) from None
+    eager = deploy.accuracy(deploy.TorchRunner(dep.model, "eager"), xt, yt)
     res = {"file": str(qout), "bytes": qout.stat().st_size, "calibration_images": int(len(calib)),
-           "test_images": int(n), "top1_fp32": fp32, "top1_int8": int8, "top1_drop": fp32 - int8}
+           "test_images": int(n), "top1_eager": eager, "top1_fp32": fp32, "top1_int8": int8,
+           "top1_drop": fp32 - int8}
     meta = deploy.read_metadata(qout)
-    meta["quantization"].update({k: res[k] for k in ("test_images", "top1_fp32", "top1_int8", "top1_drop")})
+    meta["quantization"].update({k: res[k] for k in ("test_images", "top1_eager", "top1_fp32", "top1_int8",
+                                                     "top1_drop")})
     atomic_write_json(deploy.metadata_path(qout), meta)
     return res

@@ -8,7 +8,8 @@ def add_parser(sub):
     p = sub.add_parser("predict", help="classify image files / folders with a checkpoint or an exported model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="last.pt / best.pt written by `lsskd train`")
-    src.add_argument("--model", help="TorchScript or ONNX file written by `lsskd export` (reads FILE.json)")
+    src.add_argument("--model", help="ONNX, ExecuTorch (.pte) or TorchScript file written by `lsskd export`, float or "
+                                      "int8 (reads FILE.json, else the metadata embedded in the file)")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively); "
                                              ".npy arrays for signal models")
     p.add_argument("--topk", type=int, default=5, help="classes listed per input, most probable first (default 5)")

@@ -11,7 +11,13 @@ def add_parser(sub):
     p.add_argument("--compare-model", action="append", default=[], metavar="NAME",
                    help="also time a plainly built model of this name (repeatable)")
     p.add_argument("--exported", action="append", default=[], metavar="FILE",
-                   help="also time an exported TorchScript/ONNX file (repeatable)")
+                   help="also time an exported ONNX / ExecuTorch (.pte) / TorchScript file, float or int8, "
+                        "through its runtime (repeatable)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also score the deployed model and each --exported file on the run's test split "
+                        "(top-1 through the file's runtime, and its difference to eager PyTorch)")
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="with --accuracy: this many evenly spaced test inputs (0 = the whole split)")
     p.add_argument("--threads", type=int, default=1, help="torch/onnxruntime CPU threads (0 = default)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls per model before timing (default 10)")
     p.add_argument("--repeats", type=int, default=100, help="timed calls per model (median reported)")
@@ -35,15 +41,19 @@ def run(args) -> int:
     try:
         rep = deploy.profile(args.checkpoint, args.compare_model, args.exported, args.threads, args.warmup,
                              args.repeats, args.rounds, args.overrides, not args.no_training_params,
-                             not args.unsafe_load)
+                             not args.unsafe_load, args.eval_images if args.accuracy else None)
     except deploy.ExportError as e:
         raise CLIError(str(e)) from None
     width = max([24] + [len(k) + 2 for k in rep["rows"]])
-    print(f"{'':{width}s}{'params':>12s}{'MACs':>14s}{'latency ms':>12s}")
+    print(f"{'':{width}s}{'params':>12s}{'MACs':>14s}{'file bytes':>12s}{'latency ms':>12s}"
+          f"{'top-1':>9s}{'vs eager':>10s}")
     for key, r in rep["rows"].items():
         params = f"{r['params']:,}" if "params" in r else "-"
         macs = f"{r['macs']:,}" if "macs" in r else "-"
-        print(f"{key:{width}s}{params:>12s}{macs:>14s}{r['latency_ms']:>12.3f}")
+        size = f"{r['bytes']:,}" if "bytes" in r else "-"
+        top1 = f"{r['top1']:.2f}" if "top1" in r else "-"
+        diff = f"{r['top1_diff_vs_eager']:+.2f}" if "top1_diff_vs_eager" in r else "-"
+        print(f"{key:{width}s}{params:>12s}{macs:>14s}{size:>12s}{r['latency_ms']:>12.3f}{top1:>9s}{diff:>10s}")
     ratio = rep["latency_ratio_deployed_over_plain"]
     d = rep["rows"]["deployed"]
     t = rep["training_model"]

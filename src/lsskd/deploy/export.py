@@ -1,13 +1,14 @@
-"""Serialising the deployed backbone (TorchScript / ONNX) with its metadata, checked
-for parity against PyTorch before anything is written."""
+"""Serialising the deployed backbone (TorchScript / ONNX / ExecuTorch) with its metadata,
+checked for parity against PyTorch before anything is written."""
 from __future__ import annotations
 
 import copy
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -15,8 +16,9 @@ from torch import nn
 from .. import __version__
 from ..config import ConfigError
 from ..engine.checkpoint import atomic_write_bytes, atomic_write_json
-from .formats import (EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, ONNX_OPSET, OUTPUT_NAME, PARITY_TOL, SUFFIXES,
-                      ExportError, metadata_path, quiet)
+from . import edge, formats
+from .formats import (EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, ONNX_DYNAMO_OPSET, ONNX_EXPORTERS, ONNX_OPSET,
+                      OUTPUT_NAME, PARITY_TOL, PREPROCESS, SUFFIXES, ExportError, metadata_path, quiet)
 from .load import Deployed
 from .runners import max_abs_diff, runner_from_bytes
 
@@ -36,8 +38,7 @@ def core_metadata(dep: Deployed) -> Dict:
         "method": cfg["method"]["name"],
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
-        "preprocess": "float input = (x / 255 if uint8 image else x - mean) / std, per channel; "
-                      "images NCHW RGB",
+        "preprocess": PREPROCESS,
         "lsskd_version": __version__,
     }
     if dep.descriptions:
@@ -56,18 +57,70 @@ def torchscript_bytes(model: nn.Module, example: torch.Tensor, meta: Dict | None
     return buf.getvalue()
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, meta: Dict | None = None,
-               opset: int = ONNX_OPSET) -> bytes:
-    """ONNX via the TorchScript-based exporter (``dynamo=False``): it needs no
-    ``onnxscript`` and works offline; the batch axis is dynamic."""
-    model = model.eval()
+class _DynamoUnavailable(Exception):
+    """The torch.export-based ONNX exporter cannot be used here (the reason is the message)."""
+
+
+def _onnx_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """ONNX via the ``torch.export``-based exporter (``dynamo=True``; needs ``onnxscript``)."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise _DynamoUnavailable("onnxscript is not installed (pip install 'lsskd[export]')") from None
+    # It logs one warning per torchvision op it cannot register; lsskd uses none of them.
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with quiet():
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        return program.model_proto.SerializeToString()
+    except Exception as e:  # noqa: BLE001 - torch.export / onnxscript raise many types
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise _DynamoUnavailable(f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]) from None
+    finally:
+        log.setLevel(level)
+
+
+def _onnx_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """ONNX via the TorchScript-based exporter (``dynamo=False``, legacy): needs no
+    ``onnxscript``; deprecated in torch 2.13 but supported below torch 3."""
     buf = io.BytesIO()
     with quiet():
         torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, meta: Dict | None = None,
+               opset: int | None = None, exporter: str = "torchscript", info: Optional[Dict] = None) -> bytes:
+    """ONNX bytes with a dynamic batch axis. ``exporter``: ``"dynamo"`` (the
+    ``torch.export``-based exporter, opset 18), ``"torchscript"`` (the legacy
+    TorchScript-based one, opset 17) or ``"auto"`` (dynamo where it works, else
+    torchscript). ``info``, if given, receives ``exporter``, ``opset`` and, after a
+    fallback, ``fallback_reason``."""
+    if exporter not in ONNX_EXPORTERS:
+        raise ConfigError(f"onnx exporter must be one of {', '.join(ONNX_EXPORTERS)}, got {exporter!r}")
+    model = model.eval()
+    info = {} if info is None else info
+    data = None
+    if exporter in ("auto", "dynamo"):
+        op = opset or ONNX_DYNAMO_OPSET
+        try:
+            data = _onnx_dynamo(model, example, op)
+            info.update(exporter="dynamo", opset=op)
+        except _DynamoUnavailable as e:
+            if exporter == "dynamo":
+                raise ExportError(f"the torch.export-based ONNX exporter failed: {e}") from None
+            info["fallback_reason"] = str(e)
+    if data is None:
+        op = opset or ONNX_OPSET
+        data = _onnx_torchscript(model, example, op)
+        info.update(exporter="torchscript", opset=op)
     if meta:
         try:
             import onnx
@@ -80,11 +133,15 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, meta: Dict | None = None
     return data
 
 
-def serialize(model: nn.Module, fmt: str, example: torch.Tensor, meta: Dict | None = None) -> bytes:
+def serialize(model: nn.Module, fmt: str, example: torch.Tensor, meta: Dict | None = None,
+              onnx_exporter: str = "torchscript", info: Optional[Dict] = None, name: str = "model") -> bytes:
+    """The model's file bytes in ``fmt`` (``info`` receives ONNX's exporter and opset)."""
     if fmt == "torchscript":
         return torchscript_bytes(model, example, meta)
     if fmt == "onnx":
-        return onnx_bytes(model, example, meta)
+        return onnx_bytes(model, example, meta, exporter=onnx_exporter, info=info)
+    if fmt == "executorch":
+        return edge.pte_bytes(model, example, meta, name)
     raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
@@ -98,8 +155,12 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def export(dep: Deployed, fmt: str, out: str | Path, parity_x: torch.Tensor | None = None,
-           parity_source: str = "", tol: float = PARITY_TOL) -> Dict:
+           parity_source: str = "", tol: float = PARITY_TOL, onnx_exporter: str | None = None) -> Dict:
     """Write ``out`` (the model) and ``out.json`` (metadata) and return the metadata.
+
+    ONNX uses ``onnx_exporter`` (default :data:`formats.DEFAULT_ONNX_EXPORTER`, ``"auto"``);
+    the metadata records which exporter wrote the file and, after a fallback, why
+    (``onnx_fallback_reason``). ExecuTorch programs have a fixed batch of 1 (``batch``).
 
     With ``parity_x`` (normalised inputs) the serialised bytes are first loaded back by
     their runtime and compared with the PyTorch model; only if the max absolute
@@ -112,8 +173,14 @@ def export(dep: Deployed, fmt: str, out: str | Path, parity_x: torch.Tensor | No
     model = dep.model.eval()
     example = torch.zeros(2, *dep.input_shape)
     meta = core_metadata(dep)
+    if fmt == "executorch":
+        meta["batch"] = edge.PTE_BATCH
+    info: Dict = {}
     try:
-        data = serialize(model, fmt, example, meta)
+        data = serialize(model, fmt, example, meta, onnx_exporter or formats.DEFAULT_ONNX_EXPORTER, info,
+                         meta["model"])
+    except ExportError:
+        raise
     except (RuntimeError, ValueError, TypeError) as e:
         raise ExportError(f"cannot export model '{meta['model']}' to {fmt}: {type(e).__name__}: {e}") from None
     meta.update({
@@ -122,11 +189,16 @@ def export(dep: Deployed, fmt: str, out: str | Path, parity_x: torch.Tensor | No
         "bytes": len(data),
         "sha256": sha256_bytes(data),
         "params": sum(p.numel() for p in model.parameters()),
-        "opset": ONNX_OPSET if fmt == "onnx" else None,
+        "opset": info.get("opset") if fmt == "onnx" else None,
+        "exporter": _exporter_name(fmt, info),
         "torch_version": torch.__version__,
         "source": dict(dep.source),
         "config": copy.deepcopy(dep.config),
     })
+    if "fallback_reason" in info:
+        meta["onnx_fallback_reason"] = info["fallback_reason"]
+    if fmt == "executorch":
+        meta["executorch_version"] = _version("executorch")
     if parity_x is not None:
         diff = max_abs_diff(runner_from_bytes(data, fmt, f"{out} (not yet written)"), model, parity_x)
         meta["parity"] = {"max_abs_diff": diff, "n": int(len(parity_x)), "inputs": parity_source,
@@ -137,3 +209,21 @@ def export(dep: Deployed, fmt: str, out: str | Path, parity_x: torch.Tensor | No
     atomic_write_bytes(out, data)
     atomic_write_json(metadata_path(out), meta)
     return meta
+
+
+def _version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _exporter_name(fmt: str, info: Dict) -> str:
+    if fmt == "torchscript":
+        return "torch.jit.trace (legacy)"
+    if fmt == "executorch":
+        return "torch.export + executorch XNNPACK"
+    return "torch.onnx.export(dynamo=True)" if info.get("exporter") == "dynamo" \
+        else "torch.onnx.export(dynamo=False) (legacy)"

@@ -8,9 +8,18 @@ from pathlib import Path
 import torch
 
 EXPORT_FORMAT = "lsskd-export-1"
-FORMATS = ("torchscript", "onnx")
-SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx"}
-ONNX_OPSET = 17
+FORMATS = ("torchscript", "onnx", "executorch")
+SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx", "executorch": ".pte"}
+ONNX_OPSET = 17  # the TorchScript-based ONNX exporter
+ONNX_DYNAMO_OPSET = 18  # the torch.export-based ONNX exporter (its lowest native opset in torch 2.13)
+# "auto": the torch.export-based exporter (needs onnxscript), else the TorchScript-based one,
+# with the reason on stderr. Library callers may pin one; the tests pin the faster legacy one.
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
+DEFAULT_ONNX_EXPORTER = "auto"
+# How every exported model's input is made from a raw input (images NCHW RGB, signals C x T).
+PREPROCESS = ("float input = ((x / 255 if uint8 else x) - mean) / std, per channel "
+              "(mean, std: these lists); images NCHW RGB, signals C x T")
+EDGE_INSTALL = "pip install 'lsskd[edge]' (executorch 1.5 with torch 2.13)"
 PARITY_TOL = 1e-4
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 META_KEY = "lsskd.json"  # name of the embedded metadata (TorchScript extra file / ONNX property)

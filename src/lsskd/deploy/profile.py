@@ -46,6 +46,21 @@ def measure_latency(fns: Dict[str, Callable], x, warmup: int = 10, repeats: int 
     return out
 
 
+def _score(run, dep, rows: Dict, runners: Dict[str, Callable], n: int) -> None:
+    """Test top-1 (%) of the deployed model and of each exported runner, in place."""
+    from .runners import TorchRunner, accuracy
+
+    test = run.bundle("scoring the exported files reads the run's test data: override data.root=PATH").test
+    idx = torch.arange(len(test)) if n <= 0 or n >= len(test) else \
+        torch.linspace(0, len(test) - 1, n).round().long()
+    x, y = dep.normalize(test.x[idx]), test.y[idx]
+    eager = accuracy(TorchRunner(dep.model, "eager"), x, y)
+    rows["deployed"].update(top1=eager, test_inputs=int(len(idx)))
+    for key, runner in runners.items():
+        top1 = accuracy(runner, x, y)
+        rows[key].update(top1=top1, top1_diff_vs_eager=top1 - eager, test_inputs=int(len(idx)))
+
+
 def _nbytes_state(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -55,9 +70,14 @@ def _nbytes_state(model: nn.Module) -> int:
 def profile(checkpoint: str | Path | TrainedRun, compare_models: Sequence[str] = (),
             exported: Sequence[str | Path] = (), threads: int = 1, warmup: int = 10, repeats: int = 50,
             rounds: int = 5, overrides: List[str] | None = None, training_params: bool = True,
-            weights_only: bool = True) -> Dict:
+            weights_only: bool = True, accuracy_inputs: int | None = None) -> Dict:
     """Size and batch-1 CPU latency of the deployed model vs the same architecture
-    built plainly (their ratio is 1 by construction: same graph, same weights' shapes)."""
+    built plainly (their ratio is 1 by construction: same graph, same weights' shapes).
+
+    Each ``exported`` file gets a row through its own runtime (file size, latency). With
+    ``accuracy_inputs`` (0 = the whole test split, N = N evenly spaced test inputs) the
+    deployed model and every exported file are also scored on the run's test split
+    (``top1``; exported rows also ``top1_diff_vs_eager``), which needs the run's data."""
     from ..engine.profile import count_macs, count_params
     from ..models import build_model
 
@@ -93,6 +113,9 @@ def profile(checkpoint: str | Path | TrainedRun, compare_models: Sequence[str] =
         runner = load_runner(f, meta, threads)
         rows[key] = {"file": str(f), "bytes": Path(f).stat().st_size, "format": runner.kind}
         fns[key] = runner
+    runners = {k: fn for k, fn in fns.items() if k.startswith("exported:")}
+    if accuracy_inputs is not None:
+        _score(run, dep, rows, runners, accuracy_inputs)
     x = dep.normalize(torch.zeros(1, *shape, dtype=torch.uint8)) if dep.modality == "image" \
         else torch.zeros(1, *shape)
     lat = measure_latency(fns, x, warmup, repeats, rounds)

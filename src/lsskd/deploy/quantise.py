@@ -1,4 +1,5 @@
-"""Static int8 quantisation of an exported ONNX model (onnxruntime, QDQ)."""
+"""Static int8 quantisation: an exported ONNX model (onnxruntime, QDQ), or the deployed
+backbone to an ExecuTorch program (PT2E for XNNPACK)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,10 @@ import numpy as np
 import torch
 
 from ..engine.checkpoint import atomic_write_bytes, atomic_write_json
-from .export import sha256_bytes
+from . import edge
+from .export import core_metadata, sha256_bytes
 from .formats import INPUT_NAME, ExportError, metadata_path
+from .load import Deployed
 from .runners import read_metadata
 
 
@@ -60,3 +63,30 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib_x: torch.Tensor, per_c
                                   "calibration_inputs": int(len(calib_x)), "source": src.name}})
     meta.pop("parity", None)
     atomic_write_json(metadata_path(dst), meta)
+
+
+def quantize_executorch(dep: Deployed, dst: str | Path, calib_x: torch.Tensor, source: str | Path | None = None,
+                        per_channel: bool = True) -> dict:
+    """The deployed backbone as a static int8 ExecuTorch program (PT2E, XNNPACKQuantizer:
+    symmetric int8 weights per output channel, int8 activations from histogram observers
+    calibrated on ``calib_x``, normalised training inputs), lowered with XNNPACK and written
+    atomically to ``dst`` with its metadata sidecar (the float export's, where ``source``
+    names it). Returns the metadata."""
+    dst = Path(dst)
+    meta = core_metadata(dep)
+    meta["batch"] = edge.PTE_BATCH
+    quant = {"type": "static int8 PT2E (XNNPACKQuantizer, symmetric)", "per_channel": per_channel,
+             "calibration_inputs": int(len(calib_x)), "source": Path(source).name if source else None}
+    embedded = dict(meta, quantization=quant)
+    model = edge.quantize_pt2e(dep.model, calib_x, meta["model"], per_channel)
+    data = edge.pte_bytes(model, torch.zeros(1, *dep.input_shape), embedded, meta["model"])
+    atomic_write_bytes(dst, data)
+    full = dict(read_metadata(source) or {}) if source else {}
+    full.update(embedded)
+    full.pop("parity", None)
+    full.update({"model_format": "executorch", "file": dst.name, "bytes": len(data), "sha256": sha256_bytes(data),
+                 "params": sum(p.numel() for p in dep.model.parameters()), "opset": None,
+                 "exporter": "torch.export + PT2E int8 + executorch XNNPACK", "torch_version": torch.__version__,
+                 "source": dict(dep.source), "config": dep.config})
+    atomic_write_json(metadata_path(dst), full)
+    return full

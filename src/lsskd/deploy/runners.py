@@ -1,4 +1,4 @@
-"""Running an exported model: TorchScript / ONNX runners behind one callable, reading
+"""Running an exported model: TorchScript / ONNX / ExecuTorch runners behind one callable, reading
 an export's metadata, and opening a checkpoint or an exported file for prediction."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data.base import DataError
 from ..data.download import file_digest
+from . import edge
 from .formats import FORMATS, META_KEY, ExportError, metadata_path, quiet
 
 
@@ -61,12 +62,45 @@ class OnnxRunner(Runner):
         return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
 
 
+class ExecuTorchRunner(Runner):
+    """The ExecuTorch runtime (``executorch.runtime``) on a ``.pte`` program; ``source`` is
+    a file or the program's bytes. The program has a fixed batch (1 for lsskd's exports):
+    a larger batch is fed in chunks of it, the last one zero-padded."""
+
+    kind = "executorch"
+
+    def __init__(self, source: str | Path | bytes, threads: int = 0, name: str = ""):
+        edge.set_threads(threads)
+        self.program = edge._load_program(source, name)
+        if "forward" not in self.program.method_names:
+            raise ExportError(f"ExecuTorch program {name or source} has no 'forward' method")
+        self.method = self.program.load_method("forward")
+        self.input_size = list(self.method.metadata.input_tensor_meta(0).sizes())
+        self.batch = int(self.input_size[0])
+
+    def __call__(self, x):
+        x = x.detach().float().contiguous()
+        if list(x.shape[1:]) != self.input_size[1:]:
+            raise ExportError(f"ExecuTorch program takes inputs of shape {self.input_size[1:]}, "
+                              f"got {list(x.shape[1:])}")
+        outs = []
+        for s in range(0, len(x), self.batch):
+            xb = x[s:s + self.batch]
+            n = len(xb)
+            if n < self.batch:
+                xb = torch.cat([xb, xb.new_zeros(self.batch - n, *xb.shape[1:])])
+            outs.append(self.method.execute([xb])[0][:n].clone())
+        return torch.cat(outs) if outs else torch.zeros(0)
+
+
 def detect_format(path: str | Path, meta: Dict | None = None) -> str:
     p = Path(path)
     if meta and meta.get("model_format") in FORMATS:
         return meta["model_format"]
     if p.suffix.lower() == ".onnx":
         return "onnx"
+    if p.suffix.lower() == ".pte" or edge.is_pte(p):
+        return "executorch"
     with open(p, "rb") as f:
         head = f.read(4)
     # TorchScript archives are zip files; lsskd checkpoints are torch.save zips too,
@@ -94,6 +128,8 @@ def read_metadata(path: str | Path) -> Dict | None:
         except Exception:  # noqa: BLE001 - fall through to "no metadata"
             return None
         return None
+    if p.suffix.lower() == ".pte" or (p.is_file() and edge.is_pte(p)):
+        return edge.embedded_metadata(p)
     extra = {META_KEY: ""}
     try:
         torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
@@ -106,6 +142,8 @@ def runner_from_bytes(data: bytes, fmt: str, name: str = "", threads: int = 0) -
     """A runner for a serialised model held in memory (``name`` labels errors)."""
     if fmt == "onnx":
         return OnnxRunner(data, threads, name)
+    if fmt == "executorch":
+        return ExecuTorchRunner(data, threads, name)
     try:
         with quiet():
             model = torch.jit.load(io.BytesIO(data), map_location="cpu")
@@ -115,13 +153,15 @@ def runner_from_bytes(data: bytes, fmt: str, name: str = "", threads: int = 0) -
 
 
 def load_runner(path: str | Path, meta: Dict | None = None, threads: int = 0) -> Runner:
-    """A runner for an exported TorchScript or ONNX file."""
+    """A runner for an exported TorchScript, ONNX or ExecuTorch file."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"exported model not found: {path}")
     fmt = detect_format(path, meta)
     if fmt == "onnx":
         return OnnxRunner(path, threads)
+    if fmt == "executorch":
+        return ExecuTorchRunner(path, threads, str(path))
     return runner_from_bytes(path.read_bytes(), fmt, str(path), threads)
 
 
