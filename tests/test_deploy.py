@@ -755,3 +755,25 @@ def test_executorch_errors(tmp_path):
     with pytest.raises(deploy.ExportError, match=f"cannot load ExecuTorch program {bad}"):
         deploy.load_runner(bad)
     assert deploy.read_metadata(bad) is None
+
+
+def test_profile_shows_the_view_aggregated_deepest_branch(tmp_path, cifar_root, small_bundle):
+    """Serving the deepest branch aggregated over the views (issue 27) costs M passes of the
+    backbone's first stages and the branch; profile scores it beside the head, and its top-1
+    on the test split is the run's own agg3_top1."""
+    ck = _train(tmp_path / "sad", cifar_root, small_bundle, "sad_ce", steps=2)
+    rep = deploy.profile(ck, warmup=1, repeats=2, rounds=1, accuracy_inputs=200)
+    key = "aggregated:deepest branch x4 views"
+    row = rep["rows"][key]
+    method, _, _ = deploy.load_training_method(deploy.read_run(ck))
+    assert row["passes"] == 4
+    assert row["params"] == count_params(method.backbone) + count_params(method.aux[-1])
+    assert row["macs"] > 4 * rep["rows"]["deployed"]["macs"]  # four backbone passes and the branch
+    # The same 200 evenly spaced test images through the method's own evaluation.
+    run = deploy.read_run(ck)
+    dep, test = deploy.load_deployed(run), run.bundle().test
+    idx = torch.linspace(0, len(test) - 1, 200).round().long()
+    method.eval()
+    agg = method.eval_forward(dep.normalize(test.x[idx]))[1]["agg3"]
+    assert row["top1"] == pytest.approx(100.0 * float((agg.argmax(1) == test.y[idx]).float().mean()))
+    assert row["latency_ms"] > 0

@@ -18,7 +18,7 @@ from ..data.base import DataError
 from ..engine.checkpoint import CheckpointError
 from .export import onnx_bytes, torchscript_bytes
 from .load import TrainedRun, load_deployed, load_training_method, read_run
-from .runners import load_runner, read_metadata
+from .runners import TorchRunner, load_runner, read_metadata
 
 
 def measure_latency(fns: Dict[str, Callable], x, warmup: int = 10, repeats: int = 50,
@@ -59,6 +59,24 @@ def _score(run, dep, rows: Dict, runners: Dict[str, Callable], n: int) -> None:
     for key, runner in runners.items():
         top1 = accuracy(runner, x, y)
         rows[key].update(top1=top1, top1_diff_vs_eager=top1 - eager, test_inputs=int(len(idx)))
+
+
+def _add_aggregated_branch(run, shape, rows: Dict, fns: Dict) -> None:
+    """A row for the deepest branch aggregated over all views (M passes), for methods that
+    have one: the accuracy/cost trade-off of serving the branch instead of the head."""
+    from ..engine.profile import count_macs, count_params
+
+    try:
+        method, _, _ = load_training_method(run)
+    except (DataError, ConfigError, CheckpointError, KeyError, OSError):
+        return
+    if not hasattr(method, "aggregated_branch") or not len(getattr(method, "aux", [])):
+        return
+    agg = method.aggregated_branch().eval()
+    key = f"aggregated:deepest branch x{method.num_views} views"
+    rows[key] = {"model": "deepest branch, view-aggregated", "params": count_params(agg),
+                 "macs": count_macs(agg, shape), "passes": method.num_views}
+    fns[key] = TorchRunner(agg, "eager, view-aggregated")
 
 
 def _nbytes_state(model: nn.Module) -> int:
@@ -113,7 +131,9 @@ def profile(checkpoint: str | Path | TrainedRun, compare_models: Sequence[str] =
         runner = load_runner(f, meta, threads)
         rows[key] = {"file": str(f), "bytes": Path(f).stat().st_size, "format": runner.kind}
         fns[key] = runner
-    runners = {k: fn for k, fn in fns.items() if k.startswith("exported:")}
+    if training_params:
+        _add_aggregated_branch(run, shape, rows, fns)
+    runners = {k: fn for k, fn in fns.items() if k.startswith(("exported:", "aggregated:"))}
     if accuracy_inputs is not None:
         _score(run, dep, rows, runners, accuracy_inputs)
     x = dep.normalize(torch.zeros(1, *shape, dtype=torch.uint8)) if dep.modality == "image" \

@@ -416,11 +416,31 @@ class LSSKD(Method):
         outs["ensemble"] = torch.stack(probs).mean(0)
         return logits, outs
 
+    def aggregated_branch(self, level: int = -1) -> nn.Module:
+        """Branch ``level`` (default the deepest) aggregated over all M views, as a model of
+        its own: x -> agg_l(x) (B, C), M passes per input. For users who accept M times the
+        backbone's cost at inference for the branch's accuracy (``lsskd profile`` shows both)."""
+        return ViewAggregatedBranch(self.backbone, self.aux[level], self.views, level % len(self.aux))
+
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the step's views (M, or views_per_step) through
         backbone and all branches."""
         views = None if self.views_per_step >= self.num_views else list(range(self.views_per_step))
         return count_macs(self, input_shape, forward=lambda x: self.forward_all(x, views))
+
+
+class ViewAggregatedBranch(nn.Module):
+    """An auxiliary branch as an inference model: every view of the input through the
+    backbone's stages up to ``level`` and the branch, joint logits averaged over the views
+    at each class's slot (:func:`aggregate_views`). Shares the trained modules."""
+
+    def __init__(self, backbone, branch: Branch, views: ViewFamily, level: int):
+        super().__init__()
+        self.backbone, self.branch, self.views, self.level = backbone, branch, views, level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_features(self.views(x))[0]
+        return aggregate_views(self.branch(feats[self.level])[1], self.views.num_views)
 
 
 def _variant(name: str, doc: str, **overrides):
