@@ -6,6 +6,10 @@ seed and settings, on scikit-learn's digits, and compare every tensor of the two
 state (parameters, batch-norm statistics, soft-target store, gate inputs) bit for bit.
 """
 import math
+import re
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -379,3 +383,16 @@ def test_with_index_returns_the_dataset_index():
 
     with pytest.raises(UsageError, match="map-style dataset"):
         WithIndex(Stream())
+
+
+def test_plain_loop_example_runs(monkeypatch, capsys):
+    """examples/plain_loop.py at a tiny budget (2 epochs of 3 steps), in this process."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "--epochs", "2", "--max-steps", "3"])
+    runpy.run_path(str(root / "examples" / "plain_loop.py"), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    pat = r"(\w+): test top-1 ([\d.]+), train top-1 ([\d.]+)(, gate ([\d.]+))?"
+    rows = [re.fullmatch(pat, ln) for ln in lines]
+    assert [m.group(1) for m in rows] == ["ce", "lsskd_selfsup"]
+    assert all(0 <= float(m.group(2)) <= 100 and 0 <= float(m.group(3)) <= 100 for m in rows)
+    assert rows[0].group(5) is None and float(rows[1].group(5)) == 0.0  # < 50% fit: gate shut
