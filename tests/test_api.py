@@ -230,7 +230,9 @@ def test_state_dict_resumes_exactly_mid_epoch(digits, tmp_path):
 
 def test_indices_are_required_and_range_checked(digits):
     sd = SelfDistiller(build_model("resnet8", 10), "pskd", num_train=len(digits.train), epochs=2)
-    assert sd.needs_indices
+    assert sd.needs_indices and not sd.may_leave_params_unused
+    assert sd.store_buffers() == ["method.store.filled", "method.store.filled_views", "method.store.final",
+                                 "method.store.branches"]
     sd.train()
     sd.on_epoch_start()
     x, y = digits.train.x[:4].float(), digits.train.y[:4]

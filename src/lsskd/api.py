@@ -190,6 +190,20 @@ class SelfDistiller(nn.Module):
     def epochs_done(self) -> int:
         return self._epochs_done
 
+    @property
+    def may_leave_params_unused(self) -> bool:
+        """True when some steps leave parameters without gradients: DDP then needs
+        ``find_unused_parameters=True``."""
+        return bool(self.method.may_leave_params_unused)
+
+    def store_buffers(self) -> list:
+        """Names (in this module) of the soft-target store's buffers. Every DDP rank writes
+        the same gathered rows itself, so DDP need not broadcast them every forward:
+        ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(sd,
+        sd.store_buffers())``."""
+        return [f"{name}.{b}" for name, mod in self.named_modules() if isinstance(mod, StoreBase)
+                for b, _ in mod.named_buffers()]
+
     # --- hooks ----------------------------------------------------------------------
     def on_epoch_start(self, epoch: Optional[int] = None) -> None:
         """Before an epoch's first step: the schedules (alpha_t, ramps) and the gate are

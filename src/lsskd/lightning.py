@@ -37,7 +37,6 @@ from .api import RECOMMENDED, SelfDistiller
 from .config import DEFAULTS, validate_section
 from .engine.trainer import build_optimizer, lr_at
 from .errors import UsageError
-from .methods.store import StoreBase
 
 #: ``optim=`` keys and defaults: lsskd's ``optim.`` section, with a cosine schedule.
 OPTIM_DEFAULTS = {**DEFAULTS["optim"], "schedule": "cosine"}
@@ -70,9 +69,7 @@ class SelfDistillModule(pl.LightningModule):
         self.optim_cfg = validate_section(dict(optim or {}), OPTIM_DEFAULTS, "optim.")
         # Under DDP every rank writes the same gathered rows into the store (after_step):
         # DDP need not broadcast it before every forward.
-        self._ddp_params_and_buffers_to_ignore = [
-            f"sd.{name}.{b}" for name, mod in self.sd.named_modules()
-            if isinstance(mod, StoreBase) for b, _ in mod.named_buffers()]
+        self._ddp_params_and_buffers_to_ignore = [f"sd.{b}" for b in self.sd.store_buffers()]
         self._val: Dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +89,7 @@ class SelfDistillModule(pl.LightningModule):
             raise UsageError(f"Trainer(max_epochs={t.max_epochs}) but the module was built with "
                              f"epochs={self.sd.epochs}, which its schedules span: make them equal")
         strategy_kwargs = getattr(t.strategy, "_ddp_kwargs", {})
-        if (t.world_size > 1 and self.sd.method.may_leave_params_unused
+        if (t.world_size > 1 and self.sd.may_leave_params_unused
                 and not strategy_kwargs.get("find_unused_parameters")):
             raise UsageError(f"profile {self.sd.profile!r} skips its branches on some steps: use "
                              "strategy=DDPStrategy(find_unused_parameters=True)")
