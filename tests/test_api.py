@@ -398,3 +398,56 @@ def test_plain_loop_example_runs(monkeypatch, capsys):
     assert [m.group(1) for m in rows] == ["ce", "lsskd_selfsup"]
     assert all(0 <= float(m.group(2)) <= 100 and 0 <= float(m.group(3)) <= 100 for m in rows)
     assert rows[0].group(5) is None and float(rows[1].group(5)) == 0.0  # < 50% fit: gate shut
+
+
+def _ddp_worker(rank, world, port, folder):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    sd = SelfDistiller("resnet8", "pskd", num_train=64, epochs=1, num_classes=4)
+    DDP._set_params_and_buffers_to_ignore_for_model(sd, sd.store_buffers())
+    ddp = DDP(sd, find_unused_parameters=sd.may_leave_params_unused)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    sd.train()
+    sd.on_epoch_start(0)
+    for step in range(2):  # global batches of 16, 8 rows per rank
+        idx = torch.arange(step * 16 + rank * 8, step * 16 + rank * 8 + 8)
+        out = ddp(x[idx], y[idx], idx)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sd.after_step()
+    stats = sd.on_epoch_end()
+    torch.save({"state": sd.state_dict(), "stats": stats}, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_in_a_plain_loop_shares_the_store(tmp_path):
+    """DistributedDataParallel(sd) in a user's loop, two CPU processes (gloo): every rank's
+    predictions reach every rank's store, weights agree, the epoch's top-1 counts all rows."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["stats"] == r1["stats"] and r0["stats"]["n"] == 32.0
+    # Everything but what is per rank by design: batch-norm running statistics (each rank
+    # normalises its own rows; DDP re-broadcasts rank 0's before every forward) and this
+    # wrapper's running sums before their reduction.
+    local = ("running_mean", "running_var", "num_batches_tracked", "_extra_state")
+    for k in r0["state"]:
+        a, b = r0["state"][k], r1["state"][k]
+        assert k.endswith(local) or (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
+    assert r0["state"]["method.store.filled"].nonzero().flatten().tolist() == list(range(32))
