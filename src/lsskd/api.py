@@ -26,6 +26,7 @@ naming the fix.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence
 
 import torch
@@ -144,8 +145,9 @@ class SelfDistiller(nn.Module):
                  has_val: bool = False, modality: Optional[str] = None):
         super().__init__()
         for name, v in (("num_train", num_train), ("epochs", epochs)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise UsageError(f"{name} must be a positive int, got {v!r}")
+        num_train, epochs = int(num_train), int(epochs)
         cls = method_class(profile)
         if cls.sample_extra is not Method.sample_extra:
             raise UsageError(f"profile {profile!r} loads extra samples with every batch "

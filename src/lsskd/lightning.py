@@ -19,6 +19,7 @@ validation top-1/loss and each branch's top-1 (``val/branch<l>_top1``).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
@@ -98,8 +99,10 @@ class SelfDistillModule(pl.LightningModule):
         self.sd.on_epoch_start(self.current_epoch)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        lr = lr_at(self.optim_cfg, self.sd.epochs, self.current_epoch, batch_idx,
-                   int(self.trainer.num_training_batches))
+        n = self.trainer.num_training_batches
+        # An epoch of unknown length (an iterable loader): the epoch's rate for every step.
+        step, steps = (batch_idx, int(n)) if math.isfinite(n) else (0, 1)
+        lr = lr_at(self.optim_cfg, self.sd.epochs, self.current_epoch, step, steps)
         for opt in self.trainer.optimizers:
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -151,8 +154,8 @@ class SelfDistillModule(pl.LightningModule):
         n = max(1.0, tot.pop("n"))
         scores = {k: (tot[k] / n if k == "loss" else 100.0 * tot[k] / n) for k in tot}
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, on_step=False, on_epoch=True)
-        if not self.trainer.sanity_checking:
-            self.sd.on_validation(scores["top1"])
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.sd.on_validation(scores["top1"])  # not from trainer.validate() or the sanity check
 
     def on_save_checkpoint(self, checkpoint: Dict) -> None:
         checkpoint["lsskd"] = {"profile": self.sd.profile, "epochs": self.sd.epochs,
