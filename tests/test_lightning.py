@@ -168,3 +168,23 @@ def test_ddp_two_cpu_processes_share_one_store(tmp_path):
     state = torch.load(out["checkpoint"], weights_only=True)["state_dict"]
     assert int(state["sd.method.store.filled"].sum()) == 2 * 2 * 64
     assert "val/top1" in out
+
+
+def test_resume_from_a_mid_epoch_checkpoint_continues_the_epoch(data, tmp_path):
+    """A step checkpoint (every_n_train_steps) holds an open epoch; resuming from it goes on
+    with that epoch instead of refusing a second on_epoch_start."""
+    steps = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2,
+                                         save_top_k=-1, filename="{step}")
+    _fit(_module(data[0], 0), data, tmp_path / "a", 1, callbacks=[steps])
+    mid = tmp_path / "steps" / "step=2.ckpt"
+    state = torch.load(mid, weights_only=True)["state_dict"]["sd._extra_state"]
+    assert state["in_epoch"] and state["epochs_done"] == 0 and state["acc"]["n"] == 2 * BATCH
+    resumed = _module(data[0], 7)
+    _fit(resumed, data, tmp_path / "b", 2, ckpt_path=str(mid))
+    assert resumed.sd.epochs_done == 2 and not resumed.sd.in_epoch
+
+
+def test_gradient_accumulation_commits_every_micro_batch(data, tmp_path):
+    module = _module(data[0], 0, epochs=1)
+    _fit(module, data, tmp_path, 1, accumulate_grad_batches=2)
+    assert int(module.sd.method.store.filled.sum()) == STEPS * BATCH and not module.sd.step_pending

@@ -193,6 +193,16 @@ class SelfDistiller(nn.Module):
         return self._epochs_done
 
     @property
+    def step_pending(self) -> bool:
+        """True between step() and after_step()/discard_step()."""
+        return self._pending is not None
+
+    @property
+    def in_epoch(self) -> bool:
+        """True between on_epoch_start() and on_epoch_end() (also in a mid-epoch checkpoint)."""
+        return self._in_epoch
+
+    @property
     def may_leave_params_unused(self) -> bool:
         """True when some steps leave parameters without gradients: DDP then needs
         ``find_unused_parameters=True``."""

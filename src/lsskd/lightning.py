@@ -96,6 +96,8 @@ class SelfDistillModule(pl.LightningModule):
                              "strategy=DDPStrategy(find_unused_parameters=True)")
 
     def on_train_epoch_start(self) -> None:
+        if self.sd.in_epoch and self.sd.epochs_done == self.current_epoch:
+            return  # resumed from a mid-epoch checkpoint: the epoch goes on
         self.sd.on_epoch_start(self.current_epoch)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -108,21 +110,31 @@ class SelfDistillModule(pl.LightningModule):
                 g["lr"] = lr
 
     def training_step(self, batch, batch_idx: int):
+        if self.sd.step_pending:  # gradient accumulation: the last micro-batch had no optimiser step
+            self.sd.after_step()
         x, y, idx = _unpack(batch)
         out = self.sd.step(x, y, idx)
         self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, on_step=True, on_epoch=False)
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return out.loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Commit the step's store write right after the optimiser step, before any callback's
+        # on_train_batch_end (a step checkpoint then holds it).
+        if self.sd.step_pending:
+            self.sd.after_step()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.sd.after_step()  # after the optimiser step (Lightning's automatic optimisation)
+        if self.sd.step_pending:
+            self.sd.after_step()
         if batch_idx + 1 >= self.trainer.num_training_batches:
             # Close the epoch before validation and checkpointing (both run before
             # on_train_epoch_end), so a checkpoint holds a finished epoch.
             self._close_epoch()
 
     def on_train_epoch_end(self) -> None:
-        if self.sd._in_epoch:  # the epoch stopped early (max_steps)
+        if self.sd.in_epoch:  # the epoch stopped early (max_steps)
             self._close_epoch()
 
     def _close_epoch(self) -> None:
