@@ -34,13 +34,13 @@ class ResourceError(MemoryError):
     A ``MemoryError`` so callers that catch that still see it."""
 
 
+class CLIError(Exception):
+    """A user-facing error of a command's arguments."""
+
+
 class UsageError(RuntimeError):
     """The library API (:mod:`lsskd.api`) was called out of order or with data it cannot
     use; the message says which call or argument to change."""
-
-
-class CLIError(Exception):
-    """A user-facing error of a command's arguments."""
 
 
 USER_ERRORS = (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
