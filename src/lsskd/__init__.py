@@ -10,3 +10,7 @@ def _load_builtin():
 
 
 _load_builtin()
+
+# The library API for your own training loop (docs/api.md).
+from .api import RECOMMENDED, SelfDistiller, StepOutput, WithIndex, profiles  # noqa: E402,F401
+from .errors import UsageError  # noqa: E402,F401

@@ -53,6 +53,11 @@ class CLIError(Exception):
     """A user-facing error of a command's arguments."""
 
 
+class UsageError(RuntimeError):
+    """The library API (:mod:`lsskd.api`) was called out of order or with data it cannot
+    use; the message says which call or argument to change."""
+
+
 USER_ERRORS = (CLIError, ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError)
 
 
