@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.data import DataBundle, MixInfo, stratified_indices
 from lsskd.engine import Trainer
 from lsskd.engine.profile import count_macs, count_params

@@ -15,9 +15,11 @@ from torch import nn
 
 from lsskd import deploy
 from lsskd.cli import main
-from lsskd.config import ConfigError, build_config
-from lsskd.data.base import DataBundle, DataError
-from lsskd.engine.checkpoint import CheckpointError
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
+from lsskd.data.base import DataBundle
+from lsskd.errors import DataError
+from lsskd.errors import CheckpointError
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.engine.trainer import Trainer, build_method
 from lsskd.methods.base import Method, register_method

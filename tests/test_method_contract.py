@@ -4,7 +4,8 @@ KD class-name check in a real run."""
 import torch
 import pytest
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.data import DataBundle
 from lsskd.engine import Trainer
 from lsskd.engine.profile import count_macs

@@ -10,9 +10,6 @@ import sys
 COMMANDS = ["train", "eval", "tune", "export", "predict", "profile", "sweep", "report", "bench"]
 
 
-from .errors import CLIError  # noqa: E402,F401 - re-exported (commands raise it)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..engine.checkpoint import atomic_write_bytes, atomic_write_json
 from .formats import (EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, ONNX_OPSET, OUTPUT_NAME, PARITY_TOL, SUFFIXES,
                       ExportError, metadata_path, quiet)

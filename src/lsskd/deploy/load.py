@@ -9,8 +9,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.base import DataBundle, DataError
-from ..engine.checkpoint import CheckpointError
+from ..data.base import DataBundle
+from ..errors import DataError
+from ..errors import CheckpointError
 
 BACKBONE_PREFIX = "backbone."
 

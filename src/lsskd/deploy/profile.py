@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import ConfigError
-from ..data.base import DataError
-from ..engine.checkpoint import CheckpointError
+from ..errors import ConfigError
+from ..errors import DataError
+from ..errors import CheckpointError
 from .export import onnx_bytes, torchscript_bytes
 from .load import TrainedRun, load_deployed, load_training_method, read_run
 from .runners import load_runner, read_metadata

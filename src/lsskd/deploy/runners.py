@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..data.base import DataError
+from ..errors import ConfigError
+from ..errors import DataError
 from ..data.download import file_digest
 from .formats import FORMATS, META_KEY, ExportError, metadata_path, quiet
 

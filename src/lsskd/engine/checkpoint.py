@@ -28,9 +28,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from ..data.download import file_digest
-
-
-from ..errors import CheckpointError  # noqa: E402,F401 - re-exported
+from ..errors import CheckpointError
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -22,7 +22,7 @@ def load_trained(path, overrides: List[str] | None = None, weights_only: bool = 
     st = load_checkpoint(path, weights_only=weights_only)
     missing = [k for k in ("config", "method") if k not in st]
     if missing:
-        from .checkpoint import CheckpointError
+        from ..errors import CheckpointError
 
         raise CheckpointError(f"{path} is not an lsskd checkpoint: a torch file without "
                               f"{', '.join(repr(k) for k in missing)} (lsskd writes <run>/last.pt and <run>/best.pt)")

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Dict
 import torch
 
 from .. import __version__
-from .checkpoint import CheckpointError, load_latest
+from .checkpoint import load_latest
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer

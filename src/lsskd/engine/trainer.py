@@ -21,18 +21,18 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import ConfigError, check_config
+from ..config import check_config
 from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data
-from ..errors import NonFiniteError, ResourceError, oom_errors  # noqa: F401 - re-exported
+from ..errors import ConfigError, NonFiniteError, ResourceError, oom_errors
 from ..models import build_model
 from ..methods.base import MethodContext
 from ..methods.store import StoreBase
 from ..registry import METHODS
 from .checkpoint import save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .metrics import evaluate, recalibrate_bn, topk_correct  # noqa: F401 - re-exported
+from .metrics import evaluate, recalibrate_bn
 from .profile import count_macs, count_params
-from .rundir import RunDir, RunDirError, provenance  # noqa: F401 - RunDirError: re-exported
+from .rundir import RunDir, provenance
 from .state import capture as capture_state, restore as restore_state
 
 

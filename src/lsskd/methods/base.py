@@ -22,7 +22,6 @@ from torch import nn
 from ..config import validate_section
 from ..data.augment import MixInfo
 from ..models.staged import StagedBackbone
-from .losses import mix_targets, soft_cross_entropy  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Method, register_method
 from .branch import Branch
 from .losses import feature_loss, kl_div_probs, mix_targets, soft_cross_entropy

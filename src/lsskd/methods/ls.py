@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Method, register_method
 from .losses import mix_targets, soft_cross_entropy
 

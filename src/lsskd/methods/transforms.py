@@ -96,7 +96,7 @@ class AxisPermutations(ViewFamily):
     def view(x: torch.Tensor, k: int) -> torch.Tensor:
         c = x.shape[1]
         if c % 3:
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"method.views=axis_perm needs channels in 3-axis groups, got {c} channels")
         j = torch.arange(c, device=x.device)

@@ -51,7 +51,7 @@ class ConvBNReLU1d(nn.Sequential):
 
 
 def _check_positive(name: str, values: Sequence[int]) -> None:
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     if not values or any(int(v) <= 0 for v in values):
         raise ConfigError(f"model.kwargs.{name} must be positive integers, got {list(values)!r}")
@@ -66,7 +66,7 @@ class ResNet1d(StagedBackbone):
         _check_positive("widths", widths)
         _check_positive("blocks", blocks)
         if len(blocks) != len(widths):
-            from ..config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"model.kwargs.blocks has {len(blocks)} entries but widths has {len(widths)}")
         stem_width = stem_width or widths[0]

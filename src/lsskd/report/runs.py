@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ..config import ConfigError, flatten, is_execution_key
+from ..config import flatten, is_execution_key
+from ..errors import ConfigError
 from ..errors import DataError
 
 
