@@ -29,7 +29,7 @@ from lsskd.config import DEFAULTS, build_config
 from lsskd.data.base import ArrayDataset, DataBundle
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.engine import trainer
-from lsskd.engine.trainer import build_method
+from lsskd.methods import build_method
 from lsskd.models import StagedBackbone, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

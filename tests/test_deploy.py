@@ -21,7 +21,8 @@ from lsskd.data.base import DataBundle
 from lsskd.errors import DataError
 from lsskd.errors import CheckpointError
 from lsskd.engine.profile import count_macs, count_params
-from lsskd.engine.trainer import Trainer, build_method
+from lsskd.engine.trainer import Trainer
+from lsskd.methods import build_method
 from lsskd.methods.base import Method, register_method
 from lsskd.models import build_model
 from lsskd.registry import METHODS, MODELS
@@ -105,11 +106,9 @@ def test_deployed_model_is_the_methods_deploy(ckpt, small_bundle, test_x):
     """The backbone rebuilt from the checkpoint computes exactly what the rebuilt
     method's deploy() computes."""
     dep = deploy.load_deployed(ckpt)
-    from lsskd.engine.evaluation import load_trained
-
-    cfg, st = load_trained(ckpt)
-    method = build_method(cfg, small_bundle)
-    method.load_state_dict(st["method"])
+    run = deploy.read_run(ckpt)
+    method = build_method(run.config, small_bundle)
+    method.load_state_dict(run.state["method"])
     method.eval()
     with torch.no_grad():
         assert torch.equal(dep.model(test_x), method.deploy()(test_x))
@@ -280,10 +279,7 @@ def test_export_strips_training_parts(method, branchy_registered, tmp_path_facto
         pytest.skip(f"method {method} is not registered")
     ck = _train(tmp_path_factory.mktemp(f"deploy_{method}"), cifar_root, small_bundle, method, steps=0)
     st = torch.load(ck, weights_only=True)
-    from lsskd.engine.evaluation import load_trained
-
-    cfg, _ = load_trained(ck)
-    trained = build_method(cfg, small_bundle)
+    trained = build_method(deploy.read_run(ck).config, small_bundle)
     trained.load_state_dict(st["method"])
     n_backbone = count_params(build_model("resnet8", 100))
     assert count_params(trained) > n_backbone  # the method really has extras

@@ -103,12 +103,12 @@ def test_resume_mid_epoch_is_bit_identical(tiny, tmp_path, method, capsys):
     tr2 = Trainer(tiny_cfg(run, method, *extra), resume=True, bundle=tiny)
     if method == "ce":
         assert tr2.resumed_from == run / "last.prev.pt"
-        assert (tr2.start_epoch, tr2.start_step) == (1, 0)
+        assert (tr2.progress.epoch, tr2.progress.step) == (1, 0)
         err = capsys.readouterr().err
         assert "warning" in err and str(run / "last.pt") in err and "last.prev.pt" in err
     else:
         assert tr2.resumed_from == run / "last.pt"
-        assert (tr2.start_epoch, tr2.start_step) == (1, 2)
+        assert (tr2.progress.epoch, tr2.progress.step) == (1, 2)
     got = tr2.fit()
 
     assert {k: v for k, v in got.items() if k not in TIMING} == {k: v for k, v in want.items() if k not in TIMING}
@@ -355,7 +355,7 @@ def test_resume_does_not_repeat_tensorboard_events(tiny, tmp_path):
     with pytest.raises(Interrupt):
         tr.fit()
     tr2 = Trainer(cfg, resume=True, bundle=tiny)
-    assert (tr2.start_epoch, tr2.start_step) == (1, 2)  # epoch 2 is replayed
+    assert (tr2.progress.epoch, tr2.progress.step) == (1, 2)  # epoch 2 is replayed
     tr2.fit()
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()

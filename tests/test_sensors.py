@@ -72,7 +72,7 @@ def test_lsskd_on_signals_builds_time_flip_branches():
     assert logits.shape == (8, 6) and set(losses) == {"final", "hier", "kl", "feat"}
     assert all(torch.isfinite(v) for v in losses.values())
     method.eval()
-    outs = method.eval_outputs(x)
+    outs = method.eval_forward(x)[1]
     assert sorted(outs) == ["branch1", "branch2", "branch3"] and outs["branch1"].shape == (8, 6)
 
 

@@ -11,7 +11,7 @@ COMMANDS = ["train", "eval", "tune", "export", "predict", "profile", "sweep", "r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     p = argparse.ArgumentParser(prog="lsskd", description="Layered Self-Supervised Knowledge Distillation")
     p.add_argument("--version", action="version", version=f"lsskd {__version__}")

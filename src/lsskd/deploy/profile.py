@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ConfigError
 from ..errors import DataError
 from ..errors import CheckpointError

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deploy.load import extract_backbone, read_run
+from ..engine.profile import count_macs
 from ..errors import ConfigError
 from .base import Method, register_method
 from .losses import kl_div_probs, mix_targets, soft_cross_entropy
@@ -21,15 +23,13 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     The architecture comes from the checkpoint's own stored config; only the
     ``backbone.*`` weights are used, so the teacher may have been trained by any method.
     """
-    from ..deploy.load import extract_backbone
-    from ..engine.evaluation import load_trained
-
     if not path:
         raise ConfigError(f"{key} must name a checkpoint (e.g. runs/teacher/best.pt) for method 'kd'")
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}: teacher checkpoint not found: {path}")
-    cfg, st = load_trained(path)  # weights_only load
+    run = read_run(path)  # weights_only load
+    st = run.state
     t_classes = list(st.get("classes", []))
     if len(t_classes) != num_classes:
         raise ConfigError(f"{key}: teacher {path} predicts {len(t_classes)} classes, "
@@ -41,7 +41,7 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     if input_shape is not None and list(st.get("input_shape", input_shape)) != list(input_shape):
         raise ConfigError(f"{key}: teacher {path} was trained on inputs {tuple(st['input_shape'])}, "
                           f"the student's are {tuple(input_shape)}")
-    teacher = extract_backbone(cfg, st["method"], num_classes, f"teacher {path}")
+    teacher = extract_backbone(run.config, st["method"], num_classes, f"teacher {path}")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -106,6 +106,4 @@ class KnowledgeDistillation(Method):
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the student's forward pass and the teacher's."""
-        from ..engine.profile import count_macs
-
         return super().training_macs(input_shape) + count_macs(self.teacher, input_shape)
