@@ -73,7 +73,7 @@ def _train(root: Path, cifar_root: Path, bundle: DataBundle, method: str, steps:
     ])
     trainer = Trainer(cfg, bundle=bundle)
     if steps == 0:
-        trainer.save(0, 0)
+        trainer.save()
         return root / "last.pt"
     trainer.fit()
     return root / "best.pt"
@@ -374,11 +374,11 @@ def test_export_reads_the_checkpoint_once_and_the_data_once(ckpt, tmp_path, monk
     """`lsskd export` with test parity inputs and --int8: one checkpoint read (and checksum
     verification), one dataset build, shared by the parity check and the calibration."""
     import lsskd.data.registry as registry
-    import lsskd.engine.evaluation as evaluation
+    import lsskd.deploy.load as load
 
     reads, builds = [], []
-    real_load, real_build = evaluation.load_checkpoint, registry.build_data
-    monkeypatch.setattr(evaluation, "load_checkpoint", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    real_load, real_build = load.load_checkpoint, registry.build_data
+    monkeypatch.setattr(load, "load_checkpoint", lambda *a, **k: reads.append(a) or real_load(*a, **k))
     # every data path (build_data, build_run_data) ends in the registry's build_data
     monkeypatch.setattr(registry, "build_data", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     out = tmp_path / "m.onnx"
@@ -493,7 +493,7 @@ def test_predict_shows_tiny_imagenet_words(tmp_path, capsys):
         f"out_dir={tmp_path / 'run'}", "data.name=tiny_imagenet", f"data.root={folder}", "data.cache_dir=none",
         "model.name=resnet8", "method.name=ce", "train.epochs=1", "train.batch_size=4",
         "train.progress=false", "train.tensorboard=false", "train.device=cpu"])
-    Trainer(cfg).save(0, 0)
+    Trainer(cfg).save()
     ck = tmp_path / "run" / "last.pt"
     dep = deploy.load_deployed(ck)
     words = ["goldfish, Carassius auratus", "tabby, tabby cat", "n03"]  # n03 has no line: its wnid

@@ -128,6 +128,58 @@ def test_resume_mid_epoch_is_bit_identical(tiny, tmp_path, method, capsys):
     assert json.loads((run / "summary.json").read_text())["test_top1"] == want["test_top1"]
 
 
+class StepClock:
+    """Stands in for the trainer's ``time`` module: the clock moves 1 s per training step
+    and not otherwise, so every rate the trainer reports has an exact expected value."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    def ticking(self, trainer):
+        orig = trainer._train_step
+
+        def step(*a):
+            orig(*a)
+            self.now += 1.0
+
+        trainer._train_step = step
+
+
+def test_throughput_counts_only_the_samples_of_the_time_measured(tiny, tmp_path, monkeypatch):
+    """img_per_s is this session's training samples over the time they took: a mid-epoch
+    checkpoint (train.ckpt_every_steps) does not restart its clock, and after a mid-epoch
+    resume the samples trained before the interruption are not counted (both once gave
+    twice the true rate here). 4 steps of 16 images per epoch, 1 s per step: 16 images/s."""
+    import lsskd.engine.trainer as trainer_mod
+
+    clock = StepClock()
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    ref = Trainer(tiny_cfg(tmp_path / "ref"), bundle=tiny)
+    clock.ticking(ref)
+    assert ref.fit()["train_seconds"] == 8.0
+    rows = [json.loads(ln) for ln in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["img_per_s"], r["epoch_seconds"], r["train_seconds"]) for r in rows] == [(16.0, 4.0, 4.0),
+                                                                                         (16.0, 4.0, 8.0)]
+
+    run = tmp_path / "run"
+    tr = Trainer(tiny_cfg(run), bundle=tiny)
+    clock.ticking(tr)
+    interrupt_at(tr, 7)  # epoch 2, third step: last.pt holds epoch 2 after 2 steps (32 images)
+    with pytest.raises(Interrupt):
+        tr.fit()
+    assert load_checkpoint(run / "last.pt")["train_seconds"] == 6.0
+    tr2 = Trainer(tiny_cfg(run), resume=True, bundle=tiny)
+    clock.ticking(tr2)
+    assert tr2.progress.sums["n"] == 32.0
+    assert tr2.fit()["train_seconds"] == 8.0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["epoch"], last["train_n"]) == (2, 64.0)  # the epoch's stats cover all its samples
+    assert (last["img_per_s"], last["epoch_seconds"], last["train_seconds"]) == (16.0, 2.0, 8.0)
+
+
 # --- atomic writes ----------------------------------------------------------------
 
 def small_state(v: float):
@@ -346,10 +398,10 @@ def test_resume_does_not_repeat_tensorboard_events(tiny, tmp_path):
     tr = Trainer(cfg, bundle=tiny)
     orig_save = tr.save
 
-    def save(epoch, step):  # a crash after epoch 2 was logged, before its checkpoint landed
-        if (epoch, step) == (2, 0):
+    def save():  # a crash after epoch 2 was logged, before its checkpoint landed
+        if (tr.progress.epoch, tr.progress.step) == (2, 0):
             raise Interrupt
-        return orig_save(epoch, step)
+        return orig_save()
 
     tr.save = save
     with pytest.raises(Interrupt):
