@@ -8,8 +8,8 @@ together with any auxiliary heads' scores from one backbone pass. ``deploy()``
 returns the bare backbone.
 
 A method is built as ``cls(backbone, cfg, context)``: ``cfg`` is its ``method.``
-config section, ``context`` a :class:`MethodContext` describing the run's data (the
-trainer builds it in one place, ``MethodContext.from_bundle``).
+config section, ``context`` a :class:`MethodContext` describing the run's data (built
+in one place, ``MethodContext.from_bundle``, by :func:`lsskd.methods.build_method`).
 """
 from __future__ import annotations
 
