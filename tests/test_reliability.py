@@ -128,6 +128,24 @@ def test_resume_mid_epoch_is_bit_identical(tiny, tmp_path, method, capsys):
     assert json.loads((run / "summary.json").read_text())["test_top1"] == want["test_top1"]
 
 
+def test_progress_keeps_the_checkpoint_layout():
+    """The trainer's Progress is saved as the top-level checkpoint keys lsskd-checkpoint-1
+    always had (``accum`` for the running sums), so files written before it resume."""
+    from lsskd.engine.state import RESUME_KEYS, Progress
+
+    order = torch.tensor([3, 0, 2, 1])
+    old = {"epoch": 1, "step": 2, "order": order, "best": {"top1": 12.5, "top5": 50.0, "epoch": 1},
+           "train_seconds": 6.0, "skipped_steps": 1, "accum": {"n": 32.0, "loss": 70.4, "correct": 3.0}}
+    p = Progress.from_state_dict(old)
+    assert (p.epoch, p.step, p.sums["n"], p.best["top1"], p.skipped_steps) == (1, 2, 32.0, 12.5, 1)
+    assert p.order is order and p.state_dict() == old
+    assert set(old) <= set(RESUME_KEYS)
+    p.epoch, p.step = 2, 0  # an epoch boundary: the finished epoch's order is not kept
+    assert p.state_dict()["order"] is None and p.order is order
+    assert Progress().state_dict() == {"epoch": 0, "step": 0, "order": None, "best": {"top1": -1.0, "epoch": 0},
+                                       "train_seconds": 0.0, "skipped_steps": 0, "accum": {}}
+
+
 class StepClock:
     """Stands in for the trainer's ``time`` module: the clock moves 1 s per training step
     and not otherwise, so every rate the trainer reports has an exact expected value."""
