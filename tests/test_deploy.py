@@ -16,10 +16,8 @@ from torch import nn
 from lsskd import deploy
 from lsskd.cli import main
 from lsskd.config import build_config
-from lsskd.errors import ConfigError
 from lsskd.data.base import DataBundle
-from lsskd.errors import DataError
-from lsskd.errors import CheckpointError
+from lsskd.errors import CheckpointError, ConfigError, DataError
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.engine.trainer import Trainer
 from lsskd.methods import build_method

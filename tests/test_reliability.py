@@ -16,9 +16,8 @@ from lsskd.config import build_config
 from lsskd.data.base import DataBundle
 from lsskd.engine import checkpoint as ckpt
 from lsskd.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
-from lsskd.errors import CheckpointError
 from lsskd.engine.trainer import Trainer
-from lsskd.errors import NonFiniteError, ResourceError
+from lsskd.errors import CheckpointError, NonFiniteError, ResourceError
 from lsskd.methods.ce import CrossEntropy
 from lsskd.registry import METHODS
 

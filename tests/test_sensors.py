@@ -9,9 +9,8 @@ import torch
 
 from conftest import HAPT_NPZ, ROOT, need
 from lsskd.config import DEFAULTS, build_config
-from lsskd.errors import ConfigError
 from lsskd.data import BatchAugment, build_data
-from lsskd.errors import DataError
+from lsskd.errors import ConfigError, DataError
 from lsskd.data.sensors import TEST_SUBJECTS
 from lsskd.methods.lsskd import LSSKD
 from lsskd.methods.transforms import AxisPermutations, TimeFlips, ViewFamily, build_views

@@ -26,8 +26,7 @@ def run(args) -> int:
     import torch
 
     from .. import deploy
-    from ..errors import CLIError
-    from ..errors import DataError
+    from ..errors import CLIError, DataError
     from ..engine.checkpoint import atomic_write_json
 
     if args.topk < 1:

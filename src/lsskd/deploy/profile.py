@@ -12,10 +12,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError, DataError
 from ..version import __version__
-from ..errors import ConfigError
-from ..errors import DataError
-from ..errors import CheckpointError
 from .export import onnx_bytes, torchscript_bytes
 from .load import TrainedRun, load_deployed, load_training_method, read_run
 from .runners import load_runner, read_metadata

@@ -6,8 +6,8 @@ config validation in :func:`lsskd.config.check_config`, the method's constructio
 :func:`lsskd.methods.build_method`. Here: setup (device, AMP, DDP, compile), and the epoch
 loop as train (:meth:`Trainer._train_epoch`), evaluate (:meth:`Trainer._evaluate_epoch`)
 and log (:meth:`Trainer._log_epoch`), advancing one :class:`~lsskd.engine.state.Progress`.
-At about 450 lines it is over the house's 400: the optimiser step with its non-finite handling and
-the summary are the remaining bulk, and each reads the trainer's whole state.
+At about 450 lines it is over the house's 400: the optimiser step with its non-finite
+handling and the summary are the remaining bulk, and each reads the trainer's whole state.
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..config import check_config
 from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data
 from ..errors import ConfigError, NonFiniteError, ResourceError, oom_errors
 from ..methods.build import build_method
 from ..methods.store import StoreBase
+from ..version import __version__
 from .checkpoint import save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .metrics import evaluate, recalibrate_bn

@@ -17,8 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..config import flatten, is_execution_key
-from ..errors import ConfigError
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 def ignored_key(key: str) -> bool:
