@@ -21,6 +21,7 @@ from lsskd import SelfDistiller, UsageError, WithIndex
 from lsskd.config import build_config
 from lsskd.data import BatchAugment
 from lsskd.engine import Trainer
+from lsskd.errors import ConfigError
 from lsskd.models import StagedAdapter, build_model
 
 pytest.importorskip("sklearn")
@@ -287,7 +288,7 @@ def test_hooks_out_of_order_are_named(digits):
 
 
 def test_held_out_profile_requires_on_validation(digits):
-    with pytest.raises(lsskd.config.ConfigError, match="in your own loop: construct with has_val=True"):
+    with pytest.raises(ConfigError, match="in your own loop: construct with has_val=True"):
         SelfDistiller(build_model("resnet8", 10), "lsskd", num_train=10, epochs=2,
                       config={"gate": "gap"})
     sd = SelfDistiller(build_model("resnet8", 10), "lsskd_robust", num_train=len(digits.train),
@@ -366,7 +367,7 @@ def test_zoo_names_adapters_and_refusals():
     adapter = StagedAdapter(TinyNet(), stem="conv", stages=["block1", "block2"], classifier="fc")
     sd = SelfDistiller(adapter, num_train=4, epochs=1)
     assert sd.deploy() is adapter and len(sd.method.aux) == 2
-    with pytest.raises(lsskd.config.ConfigError, match="unknown config key 'method.gate_flor'"):
+    with pytest.raises(ConfigError, match="unknown config key 'method.gate_flor'"):
         SelfDistiller(adapter, num_train=4, epochs=1, config={"gate_flor": 0.2})
 
 

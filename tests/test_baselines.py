@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.data import DataBundle, MixInfo, stratified_indices
 from lsskd.engine import Trainer
 from lsskd.engine.profile import count_macs, count_params
@@ -210,7 +211,7 @@ def test_byot_exits_losses_and_deploy():
     assert mixed["branch_kd"].item() == pytest.approx(losses["branch_kd"].item(), rel=1e-4)
 
     m.eval()
-    outs = m.eval_outputs(x)
+    outs = m.eval_forward(x)[1]
     assert list(outs) == ["branch1", "branch2"]
     assert all(v.shape == (6, 5) for v in outs.values())
     deployed = m.deploy()

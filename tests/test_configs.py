@@ -29,7 +29,8 @@ from lsskd.config import DEFAULTS, build_config
 from lsskd.data.base import ArrayDataset, DataBundle
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.engine import trainer
-from lsskd.engine.trainer import build_method
+from lsskd.methods import build as method_build
+from lsskd.methods import build_method
 from lsskd.models import StagedBackbone, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,14 +140,14 @@ def _cached_build_model(name, num_classes, **kw):
 @contextmanager
 def cheap_builds():
     """No random weight init; one backbone instance per (model, classes, kwargs)."""
-    saved = torch.Tensor.normal_, torch.Tensor.uniform_, trainer.build_model
+    saved = torch.Tensor.normal_, torch.Tensor.uniform_, method_build.build_model
     torch.Tensor.normal_ = lambda self, *a, **k: self
     torch.Tensor.uniform_ = lambda self, *a, **k: self
-    trainer.build_model = _cached_build_model
+    method_build.build_model = _cached_build_model
     try:
         yield
     finally:
-        torch.Tensor.normal_, torch.Tensor.uniform_, trainer.build_model = saved
+        torch.Tensor.normal_, torch.Tensor.uniform_, method_build.build_model = saved
 
 
 # ----------------------------------------------------------------------------- plans

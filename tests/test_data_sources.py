@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from lsskd.config import DEFAULTS
-from lsskd.data import BatchAugment, DataError, build_data, stratified_indices, stratified_split
+from lsskd.data import BatchAugment, build_data, stratified_indices, stratified_split
+from lsskd.errors import DataError
 from lsskd.data import augment as aug
 from lsskd.data.download import (check_url, download, parse_checksum, safe_extract_tar,
                                  safe_extract_zip)

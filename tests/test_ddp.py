@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.data import DataBundle
 from lsskd.data.base import stratified_indices
 from lsskd.engine.trainer import Trainer

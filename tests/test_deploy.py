@@ -15,11 +15,12 @@ from torch import nn
 
 from lsskd import deploy
 from lsskd.cli import main
-from lsskd.config import ConfigError, build_config
-from lsskd.data.base import DataBundle, DataError
-from lsskd.engine.checkpoint import CheckpointError
+from lsskd.config import build_config
+from lsskd.data.base import DataBundle
+from lsskd.errors import CheckpointError, ConfigError, DataError
 from lsskd.engine.profile import count_macs, count_params
-from lsskd.engine.trainer import Trainer, build_method
+from lsskd.engine.trainer import Trainer
+from lsskd.methods import build_method
 from lsskd.methods.base import Method, register_method
 from lsskd.models import build_model
 from lsskd.registry import METHODS, MODELS
@@ -78,7 +79,7 @@ def _train(root: Path, cifar_root: Path, bundle: DataBundle, method: str, steps:
     ])
     trainer = Trainer(cfg, bundle=bundle)
     if steps == 0:
-        trainer.save(0, 0)
+        trainer.save()
         return root / "last.pt"
     trainer.fit()
     return root / "best.pt"
@@ -111,11 +112,9 @@ def test_deployed_model_is_the_methods_deploy(ckpt, small_bundle, test_x):
     """The backbone rebuilt from the checkpoint computes exactly what the rebuilt
     method's deploy() computes."""
     dep = deploy.load_deployed(ckpt)
-    from lsskd.engine.evaluation import load_trained
-
-    cfg, st = load_trained(ckpt)
-    method = build_method(cfg, small_bundle)
-    method.load_state_dict(st["method"])
+    run = deploy.read_run(ckpt)
+    method = build_method(run.config, small_bundle)
+    method.load_state_dict(run.state["method"])
     method.eval()
     with torch.no_grad():
         assert torch.equal(dep.model(test_x), method.deploy()(test_x))
@@ -286,10 +285,7 @@ def test_export_strips_training_parts(method, branchy_registered, tmp_path_facto
         pytest.skip(f"method {method} is not registered")
     ck = _train(tmp_path_factory.mktemp(f"deploy_{method}"), cifar_root, small_bundle, method, steps=0)
     st = torch.load(ck, weights_only=True)
-    from lsskd.engine.evaluation import load_trained
-
-    cfg, _ = load_trained(ck)
-    trained = build_method(cfg, small_bundle)
+    trained = build_method(deploy.read_run(ck).config, small_bundle)
     trained.load_state_dict(st["method"])
     n_backbone = count_params(build_model("resnet8", 100))
     assert count_params(trained) > n_backbone  # the method really has extras
@@ -384,11 +380,11 @@ def test_export_reads_the_checkpoint_once_and_the_data_once(ckpt, tmp_path, monk
     """`lsskd export` with test parity inputs and --int8: one checkpoint read (and checksum
     verification), one dataset build, shared by the parity check and the calibration."""
     import lsskd.data.registry as registry
-    import lsskd.engine.evaluation as evaluation
+    import lsskd.deploy.load as load
 
     reads, builds = [], []
-    real_load, real_build = evaluation.load_checkpoint, registry.build_data
-    monkeypatch.setattr(evaluation, "load_checkpoint", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    real_load, real_build = load.load_checkpoint, registry.build_data
+    monkeypatch.setattr(load, "load_checkpoint", lambda *a, **k: reads.append(a) or real_load(*a, **k))
     # every data path (build_data, build_run_data) ends in the registry's build_data
     monkeypatch.setattr(registry, "build_data", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     out = tmp_path / "m.onnx"
@@ -503,7 +499,7 @@ def test_predict_shows_tiny_imagenet_words(tmp_path, capsys):
         f"out_dir={tmp_path / 'run'}", "data.name=tiny_imagenet", f"data.root={folder}", "data.cache_dir=none",
         "model.name=resnet8", "method.name=ce", "train.epochs=1", "train.batch_size=4",
         "train.progress=false", "train.tensorboard=false", "train.device=cpu"])
-    Trainer(cfg).save(0, 0)
+    Trainer(cfg).save()
     ck = tmp_path / "run" / "last.pt"
     dep = deploy.load_deployed(ck)
     words = ["goldfish, Carassius auratus", "tabby, tabby cat", "n03"]  # n03 has no line: its wnid

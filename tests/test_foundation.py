@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lsskd.cli import main
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.engine.trainer import Trainer, lr_at
 
 
@@ -72,7 +73,7 @@ def test_trainer_end_to_end_real_images(tmp_path, cifar_bundle):
     for f in ("config.yaml", "summary.json", "last.pt", "best.pt"):
         assert (run / f).is_file()
     # A second run into the same directory must refuse rather than overwrite.
-    from lsskd.engine.trainer import RunDirError
+    from lsskd.errors import RunDirError
 
     with pytest.raises(RunDirError, match="already holds a run"):
         Trainer(cfg, bundle=cifar_bundle)

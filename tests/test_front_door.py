@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import run_lsskd as cli
-from lsskd.config import RANGES, ConfigError, build_config, check_config, in_range
+from lsskd.config import RANGES, build_config, check_config, in_range
+from lsskd.errors import ConfigError
 
 # A real run in seconds: the bundled digits, two steps per epoch.
 TINY = ["data.name=digits", "data.image_size=8", "data.augment.flip=false", "model.name=resnet8",
@@ -221,17 +222,26 @@ def test_sweep_does_not_call_a_different_commit_a_config_change(tmp_path):
 
 # --- 19.4: one errors module, library out of the commands ----------------------------------
 
-def test_user_errors_are_defined_once_and_re_exported():
-    from lsskd import errors
-    from lsskd.cli import CLIError
-    from lsskd.config import ConfigError as C
-    from lsskd.data.base import DataError
-    from lsskd.engine.checkpoint import CheckpointError
-    from lsskd.engine.trainer import NonFiniteError, ResourceError, RunDirError
+def test_user_errors_are_defined_once():
+    """Each user error is defined in lsskd.errors and nowhere else (modules import it from
+    there: tests/test_layering.py)."""
+    import ast
+    from pathlib import Path
 
-    for cls in (CLIError, C, DataError, CheckpointError, RunDirError, NonFiniteError):
-        assert cls is getattr(errors, cls.__name__) and cls in errors.USER_ERRORS
-    assert ResourceError is errors.ResourceError and ResourceError not in errors.USER_ERRORS
+    import lsskd
+    from lsskd import errors
+
+    user = (errors.CLIError, errors.ConfigError, errors.DataError, errors.CheckpointError,
+            errors.RunDirError, errors.NonFiniteError)
+    assert errors.USER_ERRORS == user
+    assert issubclass(errors.ResourceError, MemoryError) and errors.ResourceError not in user
+    names = {cls.__name__ for cls in (*user, errors.ResourceError)}
+    defined = [f"{f.name}:{node.lineno} {node.name}"
+               for f in sorted(Path(lsskd.__file__).parent.rglob("*.py"))
+               for node in ast.walk(ast.parse(f.read_text()))
+               if isinstance(node, ast.ClassDef) and node.name in names]
+    assert sorted(d.split(" ")[1] for d in defined) == sorted(names)
+    assert all(d.startswith("errors.py:") for d in defined)
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -360,7 +370,8 @@ def test_first_comparison_doc_runs_end_to_end(cifar_root, tmp_path, capsys, monk
 
 
 def test_a_truncated_checkpoint_is_called_truncated_not_a_stranger(tmp_path):
-    from lsskd.engine.checkpoint import CheckpointError, is_torch_file, load_checkpoint
+    from lsskd.engine.checkpoint import is_torch_file, load_checkpoint
+    from lsskd.errors import CheckpointError
 
     p = tmp_path / "last.pt"
     torch.save({"method": {"w": torch.zeros(100)}, "config": {}}, p)

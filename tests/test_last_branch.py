@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.engine.profile import count_params
 from lsskd.models import build_model
 from lsskd.registry import METHODS

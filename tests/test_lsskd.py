@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsskd.methods.base import soft_cross_entropy
-from lsskd.methods.losses import kl_div, progressive_target
+from lsskd.methods.losses import kl_div, progressive_target, soft_cross_entropy
 from lsskd.methods.lsskd import LSSKD
 from lsskd.methods.transforms import Rotations, ViewFamily
 from lsskd.models import build_model
@@ -153,7 +152,7 @@ def test_switches_give_the_named_ablations():
 
 
 def test_unknown_method_key_is_rejected():
-    from lsskd.config import ConfigError
+    from lsskd.errors import ConfigError
 
     with pytest.raises(ConfigError, match="method.gama"):
         make("lsskd", gama=0.1)
@@ -254,7 +253,7 @@ def test_branches_when_shut_skip_makes_a_shut_step_a_ce_step():
     """branches_when_shut=skip: while g = 0 the step is the identity view through the backbone
     (CE's loss, CE's gradient, no branch ran, no branch store row written); once the gate opens
     the branches run on the drawn views as with ``train``."""
-    from lsskd.config import ConfigError
+    from lsskd.errors import ConfigError
 
     m = make("lsskd", gate="fit", branches_when_shut="skip", num_train=8, views_per_step=2)
     assert m.may_leave_params_unused and not make("lsskd", gate="fit").may_leave_params_unused
@@ -290,7 +289,7 @@ def test_branches_when_shut_skip_makes_a_shut_step_a_ce_step():
 
 
 def test_gate_gap_opens_only_when_the_model_fits_training_data_better_than_held_out_data():
-    from lsskd.config import ConfigError
+    from lsskd.errors import ConfigError
 
     m = make("lsskd", gate="gap", gate_floor=0.5, gap_floor=0.05, gap_width=0.1, has_val=True)
     assert m.wants_val and m.gate_mode == "gap"
@@ -322,7 +321,7 @@ def test_gate_gap_opens_only_when_the_model_fits_training_data_better_than_held_
 
 
 def test_gate_rejects_bad_values():
-    from lsskd.config import ConfigError
+    from lsskd.errors import ConfigError
 
     with pytest.raises(ConfigError, match="method.gate"):
         make("lsskd", gate="always")

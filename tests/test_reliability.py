@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from lsskd.config import build_config
 from lsskd.data.base import DataBundle
 from lsskd.engine import checkpoint as ckpt
-from lsskd.engine.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
-from lsskd.engine.trainer import NonFiniteError, ResourceError, Trainer
+from lsskd.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from lsskd.engine.trainer import Trainer
+from lsskd.errors import CheckpointError, NonFiniteError, ResourceError
 from lsskd.methods.ce import CrossEntropy
 from lsskd.registry import METHODS
 
@@ -101,12 +102,12 @@ def test_resume_mid_epoch_is_bit_identical(tiny, tmp_path, method, capsys):
     tr2 = Trainer(tiny_cfg(run, method, *extra), resume=True, bundle=tiny)
     if method == "ce":
         assert tr2.resumed_from == run / "last.prev.pt"
-        assert (tr2.start_epoch, tr2.start_step) == (1, 0)
+        assert (tr2.progress.epoch, tr2.progress.step) == (1, 0)
         err = capsys.readouterr().err
         assert "warning" in err and str(run / "last.pt") in err and "last.prev.pt" in err
     else:
         assert tr2.resumed_from == run / "last.pt"
-        assert (tr2.start_epoch, tr2.start_step) == (1, 2)
+        assert (tr2.progress.epoch, tr2.progress.step) == (1, 2)
     got = tr2.fit()
 
     assert {k: v for k, v in got.items() if k not in TIMING} == {k: v for k, v in want.items() if k not in TIMING}
@@ -124,6 +125,76 @@ def test_resume_mid_epoch_is_bit_identical(tiny, tmp_path, method, capsys):
     assert load_checkpoint(run / "last.prev.pt")["epoch"] == 1
     assert (run / "last.prev.pt.sha256").is_file()
     assert json.loads((run / "summary.json").read_text())["test_top1"] == want["test_top1"]
+
+
+def test_progress_keeps_the_checkpoint_layout():
+    """The trainer's Progress is saved as the top-level checkpoint keys lsskd-checkpoint-1
+    always had (``accum`` for the running sums), so files written before it resume."""
+    from lsskd.engine.state import RESUME_KEYS, Progress
+
+    order = torch.tensor([3, 0, 2, 1])
+    old = {"epoch": 1, "step": 2, "order": order, "best": {"top1": 12.5, "top5": 50.0, "epoch": 1},
+           "train_seconds": 6.0, "skipped_steps": 1, "accum": {"n": 32.0, "loss": 70.4, "correct": 3.0}}
+    p = Progress.from_state_dict(old)
+    assert (p.epoch, p.step, p.sums["n"], p.best["top1"], p.skipped_steps) == (1, 2, 32.0, 12.5, 1)
+    assert p.order is order and p.state_dict() == old
+    assert set(old) <= set(RESUME_KEYS)
+    p.epoch, p.step = 2, 0  # an epoch boundary: the finished epoch's order is not kept
+    assert p.state_dict()["order"] is None and p.order is order
+    assert Progress().state_dict() == {"epoch": 0, "step": 0, "order": None, "best": {"top1": -1.0, "epoch": 0},
+                                       "train_seconds": 0.0, "skipped_steps": 0, "accum": {}}
+
+
+class StepClock:
+    """Stands in for the trainer's ``time`` module: the clock moves 1 s per training step
+    and not otherwise, so every rate the trainer reports has an exact expected value."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    def ticking(self, trainer):
+        orig = trainer._train_step
+
+        def step(*a):
+            orig(*a)
+            self.now += 1.0
+
+        trainer._train_step = step
+
+
+def test_throughput_counts_only_the_samples_of_the_time_measured(tiny, tmp_path, monkeypatch):
+    """img_per_s is this session's training samples over the time they took: a mid-epoch
+    checkpoint (train.ckpt_every_steps) does not restart its clock, and after a mid-epoch
+    resume the samples trained before the interruption are not counted (both once gave
+    twice the true rate here). 4 steps of 16 images per epoch, 1 s per step: 16 images/s."""
+    import lsskd.engine.trainer as trainer_mod
+
+    clock = StepClock()
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    ref = Trainer(tiny_cfg(tmp_path / "ref"), bundle=tiny)
+    clock.ticking(ref)
+    assert ref.fit()["train_seconds"] == 8.0
+    rows = [json.loads(ln) for ln in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["img_per_s"], r["epoch_seconds"], r["train_seconds"]) for r in rows] == [(16.0, 4.0, 4.0),
+                                                                                         (16.0, 4.0, 8.0)]
+
+    run = tmp_path / "run"
+    tr = Trainer(tiny_cfg(run), bundle=tiny)
+    clock.ticking(tr)
+    interrupt_at(tr, 7)  # epoch 2, third step: last.pt holds epoch 2 after 2 steps (32 images)
+    with pytest.raises(Interrupt):
+        tr.fit()
+    assert load_checkpoint(run / "last.pt")["train_seconds"] == 6.0
+    tr2 = Trainer(tiny_cfg(run), resume=True, bundle=tiny)
+    clock.ticking(tr2)
+    assert tr2.progress.sums["n"] == 32.0
+    assert tr2.fit()["train_seconds"] == 8.0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["epoch"], last["train_n"]) == (2, 64.0)  # the epoch's stats cover all its samples
+    assert (last["img_per_s"], last["epoch_seconds"], last["train_seconds"]) == (16.0, 2.0, 8.0)
 
 
 # --- atomic writes ----------------------------------------------------------------
@@ -344,16 +415,16 @@ def test_resume_does_not_repeat_tensorboard_events(tiny, tmp_path):
     tr = Trainer(cfg, bundle=tiny)
     orig_save = tr.save
 
-    def save(epoch, step):  # a crash after epoch 2 was logged, before its checkpoint landed
-        if (epoch, step) == (2, 0):
+    def save():  # a crash after epoch 2 was logged, before its checkpoint landed
+        if (tr.progress.epoch, tr.progress.step) == (2, 0):
             raise Interrupt
-        return orig_save(epoch, step)
+        return orig_save()
 
     tr.save = save
     with pytest.raises(Interrupt):
         tr.fit()
     tr2 = Trainer(cfg, resume=True, bundle=tiny)
-    assert (tr2.start_epoch, tr2.start_step) == (1, 2)  # epoch 2 is replayed
+    assert (tr2.progress.epoch, tr2.progress.step) == (1, 2)  # epoch 2 is replayed
     tr2.fit()
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import HAPT_NPZ, ROOT, need
-from lsskd.config import DEFAULTS, ConfigError, build_config
-from lsskd.data import BatchAugment, DataError, build_data
+from lsskd.config import DEFAULTS, build_config
+from lsskd.data import BatchAugment, build_data
+from lsskd.errors import ConfigError, DataError
 from lsskd.data.sensors import TEST_SUBJECTS
 from lsskd.methods.lsskd import LSSKD
 from lsskd.methods.transforms import AxisPermutations, TimeFlips, ViewFamily, build_views

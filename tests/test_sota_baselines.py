@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
 from lsskd.data import DataBundle, MixInfo
 from lsskd.engine import Trainer
 from lsskd.engine.profile import count_macs, count_params
+from lsskd.errors import ConfigError
 from lsskd.methods.ddgsd import DataDistortionSelfDistillation
 from lsskd.methods.dlb import LastMiniBatchDistillation
 from lsskd.methods.hsakd import HSAKD

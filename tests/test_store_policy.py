@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from lsskd.config import ConfigError, build_config
+from lsskd.config import build_config
+from lsskd.errors import ConfigError
 from lsskd.data import ArrayDataset, BatchIterator, DataBundle, MixInfo
 from lsskd.engine import Trainer
 from lsskd.models import build_model

@@ -11,7 +11,8 @@ import yaml
 
 from lsskd.cli import main
 from lsskd import sweep as sw
-from lsskd.config import ConfigError, build_config, dump
+from lsskd.config import build_config, dump
+from lsskd.errors import ConfigError
 from lsskd.data.base import DataBundle
 from lsskd.report import build_report
 
@@ -482,7 +483,7 @@ def test_report_refuses_a_seed_repeated_in_two_folders_unless_allowed(fake_runs,
     thread count) is one training run, not a second seed."""
     import shutil
 
-    from lsskd.data.base import DataError
+    from lsskd.errors import DataError
 
     copy = tmp_path / "elsewhere" / "ce" / "seed0"
     shutil.copytree(fake_runs / "ce" / "seed0", copy)

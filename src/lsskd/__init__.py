@@ -1,7 +1,6 @@
 """lsskd: Layered Self-Supervised Knowledge Distillation (arXiv 2506.07055) as a library."""
-__version__ = "0.1.0"
-
 from .registry import DATASETS, METHODS, MODELS, TRANSFORMS  # noqa: F401
+from .version import __version__  # noqa: F401
 
 
 def _load_builtin():

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import DEFAULTS, ConfigError
+from .config import DEFAULTS
+from .errors import ConfigError
 from .data import BatchAugment
 from .engine.profile import count_macs, count_params
 from .engine.trainer import build_optimizer

@@ -10,11 +10,8 @@ import sys
 COMMANDS = ["train", "eval", "tune", "export", "predict", "profile", "sweep", "report", "bench"]
 
 
-from .errors import CLIError  # noqa: E402,F401 - re-exported (commands raise it)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     p = argparse.ArgumentParser(prog="lsskd", description="Layered Self-Supervised Knowledge Distillation")
     p.add_argument("--version", action="version", version=f"lsskd {__version__}")

@@ -13,8 +13,7 @@ from typing import Any, Dict, List
 
 import yaml
 
-
-from .errors import ConfigError  # noqa: F401 - re-exported
+from .errors import ConfigError
 
 
 DEFAULTS: Dict[str, Any] = {

@@ -3,8 +3,8 @@
 Each is raised with a one-line message that names the file, key or value at fault.
 :data:`USER_ERRORS` are the ones the command line prints as ``lsskd CMD: error: ...``
 (exit status 2) and a sweep reports without a traceback; anything else is a bug and
-keeps its traceback. (The modules that raise them re-export them, so
-``from lsskd.config import ConfigError`` keeps working.)
+keeps its traceback. Import them from here (``from lsskd.errors import ConfigError``),
+not through a module that raises them (tests/test_layering.py checks).
 """
 from __future__ import annotations
 

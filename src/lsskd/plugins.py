@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, List
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def import_plugins(names: Any) -> List[ModuleType]:

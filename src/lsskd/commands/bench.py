@@ -35,7 +35,7 @@ def run(args) -> int:
     import torch
 
     from ..bench import DEFAULT_METHODS, format_table, run_bench
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise CLIError("--batch-size and --steps must be >= 1, --warmup >= 0")

@@ -27,7 +27,7 @@ def add_parser(sub):
 def run(args) -> int:
     if args.model:
         from .. import deploy
-        from ..cli import CLIError
+        from ..errors import CLIError
 
         try:
             out = deploy.evaluate_exported(args.model, args.split, args.overrides, args.threads, args.max_inputs)

@@ -39,7 +39,7 @@ def run(args) -> int:
     import torch
 
     from .. import deploy
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     # One read of the checkpoint (verified once); the run's data is built at most once,
     # for the parity inputs and the int8 calibration together.
@@ -79,7 +79,7 @@ def _int8(args, run, dep, out: Path) -> dict:
     import torch
 
     from .. import deploy
-    from ..cli import CLIError
+    from ..errors import CLIError
     from ..engine.checkpoint import atomic_write_json
 
     bundle = run.bundle()

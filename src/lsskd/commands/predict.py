@@ -27,8 +27,7 @@ def run(args) -> int:
     import torch
 
     from .. import deploy
-    from ..cli import CLIError
-    from ..data.base import DataError
+    from ..errors import CLIError, DataError
     from ..engine.checkpoint import atomic_write_json
 
     if args.topk < 1:

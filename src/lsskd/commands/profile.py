@@ -33,7 +33,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import deploy
-    from ..cli import CLIError
+    from ..errors import CLIError
     from ..engine.checkpoint import atomic_write_json
 
     if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:

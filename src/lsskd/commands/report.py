@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def add_parser(sub):

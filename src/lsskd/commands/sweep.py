@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import ConfigError, parse_override
+from ..config import parse_override
+from ..errors import ConfigError
 from ..sweep import (RunSpec, check_seeds, execute, expand, format_table, load_plan, plan_actions,
                      resolve_config, train_command)
 

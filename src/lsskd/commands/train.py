@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError, build_config, parse_override, run_config
+from ..config import build_config, parse_override, run_config
+from ..errors import ConfigError
 
 # Without --config, a run starts only when one of these names the data (20.1).
 DATA_KEYS = ("data.root", "data.name")

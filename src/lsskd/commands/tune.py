@@ -19,7 +19,8 @@ from pathlib import Path
 from math import sqrt
 from statistics import mean, stdev
 
-from ..config import ConfigError, dump, nest_overrides, parse_override
+from ..config import dump, nest_overrides, parse_override
+from ..errors import ConfigError
 from ..engine.checkpoint import atomic_write_json, atomic_write_text
 from ..engine.runlock import holder
 from ..report.runs import left_out_reason

@@ -12,8 +12,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-
-from ..errors import DataError  # noqa: F401,E402 - re-exported (defined with the other user errors)
+from ..errors import DataError
 
 
 @dataclass

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..registry import DATASETS
-from .base import ArrayDataset, DataBundle, DataError
+from .base import ArrayDataset, DataBundle
+from ..errors import DataError
 from .download import download, extract_folder, parse_checksum, verify_file
 
 

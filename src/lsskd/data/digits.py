@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..registry import DATASETS
-from .base import ArrayDataset, DataBundle, DataError, stratified_split
+from .base import ArrayDataset, DataBundle, stratified_split
+from ..errors import DataError
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0

@@ -32,7 +32,7 @@ import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional, Tuple
 
-from .base import DataError
+from ..errors import DataError
 
 LOOPBACK_HOSTS = {"localhost"}
 CHUNK = 1 << 20

@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import StorageError, is_out_of_space
-from .base import ArrayDataset, DataError, plan_subset
+from .base import ArrayDataset, plan_subset
+from ..errors import DataError, StorageError, is_out_of_space
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 

@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Dict
 
 from ..registry import DATASETS
-from .base import (DataBundle, DataError, channel_stats, group_split, resolve_classes, stratified_indices,
-                   stratified_split)
+from .base import (DataBundle, channel_stats, group_split, resolve_classes, stratified_indices, stratified_split)
+from ..errors import DataError
 from .folder import list_class_folder, load_selected
 
 CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]

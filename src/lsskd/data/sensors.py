@@ -21,8 +21,9 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataError
 from ..registry import DATASETS
-from .base import ArrayDataset, DataBundle, DataError, channel_stats
+from .base import ArrayDataset, DataBundle, channel_stats
 
 TEST_SUBJECTS = (2, 4, 9, 10, 12, 13, 18, 20, 24)
 HAPT_FILE = "hapt_windows.npz"
@@ -92,8 +93,6 @@ def _bundle(x: np.ndarray, y: np.ndarray, subject: np.ndarray, classes: List[str
 def _activities(cfg: Dict) -> str:
     mode = cfg.get("activities", "basic")
     if mode not in ("basic", "all"):
-        from ..config import ConfigError
-
         raise ConfigError(f"data.activities must be 'basic' or 'all', got {mode!r}")
     return mode
 

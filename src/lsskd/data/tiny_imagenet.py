@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..registry import DATASETS
-from .base import DataBundle, DataError
+from .base import DataBundle
+from ..errors import DataError
 from .download import download, extract_folder, parse_checksum
 from .folder import IMAGE_EXTENSIONS, load_selected
 

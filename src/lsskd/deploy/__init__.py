@@ -6,8 +6,10 @@ training time; the shipped model is ``method.deploy()``, i.e. the backbone alone
 checkpoint into that model and serialises it. One concern per module:
 
 * :mod:`.load` -- :func:`read_run`, the one reader of a checkpoint (config and state,
-  read and verified once; the run's data built at most once), and the deployed
-  backbone extracted from it (:func:`extract_backbone`, :func:`load_deployed`).
+  read and verified once; the run's data built at most once), the deployed
+  backbone extracted from it (:func:`extract_backbone`, :func:`load_deployed`), its
+  metadata (:func:`core_metadata`), and :func:`open_model` (a runner for a checkpoint or
+  an exported file).
 * :mod:`.export` -- ONNX (the ``torch.export``-based exporter, opset 18, falling back to the
   TorchScript-based one, opset 17; dynamic batch axis), ExecuTorch ``.pte`` (:mod:`.edge`) or
   legacy TorchScript (``torch.jit.trace``) bytes, checked for parity (reloaded by their runtime and compared with the
@@ -28,11 +30,11 @@ checkpoint into that model and serialises it. One concern per module:
 """
 from .formats import (EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, ONNX_DYNAMO_OPSET, ONNX_EXPORTERS,  # noqa: F401
                       ONNX_OPSET, OUTPUT_NAME, PARITY_TOL, PREPROCESS, SUFFIXES, ExportError, metadata_path)
-from .load import (Deployed, TrainedRun, backbone_weights, extract_backbone, load_deployed,  # noqa: F401
-                   load_training_method, normalize, parity_inputs, read_run)
+from .load import (Deployed, TrainedRun, backbone_weights, core_metadata, extract_backbone, load_deployed,  # noqa: F401
+                   load_training_method, normalize, open_model, parity_inputs, read_run)
 from .runners import (ExecuTorchRunner, OnnxRunner, Runner, TorchRunner, accuracy, detect_format, load_runner,  # noqa: F401
-                      max_abs_diff, open_model, read_metadata, runner_from_bytes, sha256_file)
-from .export import (core_metadata, default_export_path, export, onnx_bytes, serialize,  # noqa: F401
+                      max_abs_diff, read_metadata, runner_from_bytes, sha256_file)
+from .export import (default_export_path, export, onnx_bytes, serialize,  # noqa: F401
                      sha256_bytes, torchscript_bytes)
 from .quantise import quantize_executorch, quantize_onnx  # noqa: F401
 from .evaluate import evaluate_exported  # noqa: F401

@@ -7,10 +7,11 @@ from typing import Dict, List
 
 import torch
 
-from ..data.base import DataError
+from ..config import merge, nest_overrides
+from ..data import build_run_data
+from ..errors import DataError
 from .formats import metadata_path
-from .load import normalize
-from .runners import open_model
+from .load import normalize, open_model
 
 
 def evaluate_exported(path: str | Path, split: str = "test", overrides: List[str] | None = None,
@@ -19,9 +20,6 @@ def evaluate_exported(path: str | Path, split: str = "test", overrides: List[str
     data rebuilt from the config in the file's metadata sidecar (``overrides`` such as
     ``data.root=PATH`` applied over it). ``max_inputs`` > 0 scores that many evenly spaced
     inputs instead of the whole split."""
-    from ..config import merge, nest_overrides
-    from ..data import build_run_data
-
     runner, meta = open_model(model=path, threads=threads)
     if not meta.get("config"):
         raise DataError(f"evaluating {path} needs its run's config, which is in the metadata sidecar "

@@ -13,37 +13,13 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .. import __version__
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..engine.checkpoint import atomic_write_bytes, atomic_write_json
 from . import edge, formats
-from .formats import (EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, ONNX_DYNAMO_OPSET, ONNX_EXPORTERS, ONNX_OPSET,
-                      OUTPUT_NAME, PARITY_TOL, PREPROCESS, SUFFIXES, ExportError, metadata_path, quiet)
-from .load import Deployed
+from .formats import (FORMATS, INPUT_NAME, META_KEY, ONNX_DYNAMO_OPSET, ONNX_EXPORTERS, ONNX_OPSET, OUTPUT_NAME,
+                      PARITY_TOL, SUFFIXES, ExportError, metadata_path, quiet)
+from .load import Deployed, core_metadata
 from .runners import max_abs_diff, runner_from_bytes
-
-
-def core_metadata(dep: Deployed) -> Dict:
-    """What a runtime needs to feed the model and read its output (also embedded in the file)."""
-    cfg = dep.config
-    meta = {
-        "format": EXPORT_FORMAT,
-        "classes": list(dep.classes),
-        "input_shape": list(dep.input_shape),
-        "mean": list(dep.mean),
-        "std": list(dep.std),
-        "modality": dep.modality,
-        "model": cfg["model"]["name"],
-        "model_kwargs": dict(cfg["model"].get("kwargs", {})),
-        "method": cfg["method"]["name"],
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "preprocess": PREPROCESS,
-        "lsskd_version": __version__,
-    }
-    if dep.descriptions:
-        meta["class_descriptions"] = list(dep.descriptions)
-    return meta
 
 
 def torchscript_bytes(model: nn.Module, example: torch.Tensor, meta: Dict | None = None) -> bytes:

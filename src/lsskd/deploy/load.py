@@ -1,5 +1,8 @@
 """Reading a training run: its config and checkpoint state (read and verified once),
-the deployed backbone extracted from it, and the run's data when a check needs it."""
+the deployed backbone extracted from it, the full training method rebuilt from it, the
+run's data when a check needs it, and a model opened for prediction (a checkpoint or an
+exported file). :func:`read_run` is the one reader of a training checkpoint: evaluation
+(``lsskd eval``), export, profile, predict and KD's teacher all go through it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,8 +12,19 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.base import DataBundle, DataError
-from ..engine.checkpoint import CheckpointError
+from ..config import build_config, merge
+from ..data import build_run_data
+from ..data.augment import BatchAugment
+from ..data.base import DataBundle
+from ..data.tiny_imagenet import class_words
+from ..engine.checkpoint import load_checkpoint
+from ..errors import CheckpointError, ConfigError, DataError
+from ..methods.build import build_method
+from ..models import build_model
+from ..plugins import import_plugins
+from ..version import __version__
+from .formats import EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAME, PREPROCESS, ExportError, metadata_path
+from .runners import TorchRunner, load_runner, read_metadata, sha256_file
 
 BACKBONE_PREFIX = "backbone."
 
@@ -29,8 +43,6 @@ class TrainedRun:
     def bundle(self, hint: str = "") -> DataBundle:
         """The run's data (built once); ``hint`` is added to a data error's message."""
         if self._bundle is None:
-            from ..data import build_run_data
-
             try:
                 self._bundle = build_run_data(self.config)
             except DataError as e:
@@ -43,12 +55,27 @@ class TrainedRun:
 def read_run(checkpoint: str | Path | TrainedRun, overrides: List[str] | None = None,
              weights_only: bool = True) -> TrainedRun:
     """The one reader of a ``last.pt``/``best.pt`` written by ``lsskd train`` (a
-    :class:`TrainedRun` passes through unchanged)."""
+    :class:`TrainedRun` passes through unchanged): the verified checkpoint, and the run's
+    stored config merged over today's defaults with ``overrides`` (``key=value``)
+    applied. The config's ``plugins`` are imported (a model or method of the user's own).
+    Builds no method and reads no data."""
     if isinstance(checkpoint, TrainedRun):
         return checkpoint
-    from ..engine.evaluation import load_trained
-
-    cfg, st = load_trained(checkpoint, overrides, weights_only)
+    st = load_checkpoint(checkpoint, weights_only=weights_only)
+    missing = [k for k in ("config", "method") if k not in st]
+    if missing:
+        raise CheckpointError(f"{checkpoint} is not an lsskd checkpoint: a torch file without "
+                              f"{', '.join(repr(k) for k in missing)} (lsskd writes <run>/last.pt and <run>/best.pt)")
+    cfg = merge(st["config"])
+    import_plugins(cfg["plugins"])
+    if overrides:
+        over = build_config(None, overrides)
+        for item in overrides:
+            key = item.split("=", 1)[0].split(".")
+            src, dst = over, cfg
+            for k in key[:-1]:
+                src, dst = src[k], dst[k]
+            dst[key[-1]] = src[key[-1]]
     return TrainedRun(Path(checkpoint), cfg, st)
 
 
@@ -74,8 +101,6 @@ class Deployed:
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """The evaluation-time transform: uint8 images are scaled to [0, 1], then
     ``(x - mean) / std`` per channel (the same op as ``BatchAugment.normalize``)."""
-    from ..data.augment import BatchAugment
-
     return BatchAugment(mean, std).normalize(x)
 
 
@@ -94,8 +119,6 @@ def extract_backbone(cfg: Dict, method_state: Dict[str, torch.Tensor], num_class
     ``self.backbone``, so this is the deployed model without rebuilding the method (no
     branches, no store, no teacher, no training data needed). ``source`` names the
     checkpoint in error messages. KD's teacher is loaded through it too."""
-    from ..models import build_model
-
     model = build_model(cfg["model"]["name"], num_classes, **cfg["model"].get("kwargs", {}))
     try:
         model.load_state_dict(backbone_weights(method_state, source), strict=True)
@@ -107,8 +130,6 @@ def extract_backbone(cfg: Dict, method_state: Dict[str, torch.Tensor], num_class
 def load_deployed(checkpoint: str | Path | TrainedRun, weights_only: bool = True) -> Deployed:
     """The deployed model of a ``last.pt``/``best.pt`` written by ``lsskd train`` (or of a
     run already read by :func:`read_run`)."""
-    from ..data.tiny_imagenet import class_words
-
     run = read_run(checkpoint, None, weights_only)
     st = run.state
     for key in ("classes", "mean", "std", "input_shape", "method"):
@@ -123,12 +144,57 @@ def load_deployed(checkpoint: str | Path | TrainedRun, weights_only: bool = True
                     class_words(run.config.get("data", {}), classes))
 
 
+def core_metadata(dep: Deployed) -> Dict:
+    """What a runtime needs to feed the model and read its output (also embedded in the file)."""
+    cfg = dep.config
+    meta = {
+        "format": EXPORT_FORMAT,
+        "classes": list(dep.classes),
+        "input_shape": list(dep.input_shape),
+        "mean": list(dep.mean),
+        "std": list(dep.std),
+        "modality": dep.modality,
+        "model": cfg["model"]["name"],
+        "model_kwargs": dict(cfg["model"].get("kwargs", {})),
+        "method": cfg["method"]["name"],
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "preprocess": PREPROCESS,
+        "lsskd_version": __version__,
+    }
+    if dep.descriptions:
+        meta["class_descriptions"] = list(dep.descriptions)
+    return meta
+
+
+def open_model(checkpoint: str | Path | None = None, model: str | Path | None = None,
+               weights_only: bool = True, threads: int = 0):
+    """(runner, metadata) from a training checkpoint or an exported file."""
+    if (checkpoint is None) == (model is None):
+        raise ConfigError("give exactly one of --checkpoint or --model")
+    if checkpoint is not None:
+        dep = load_deployed(checkpoint, weights_only)
+        return TorchRunner(dep.model, "checkpoint"), core_metadata(dep)
+    path = Path(model)
+    if not path.is_file():
+        raise ExportError(f"exported model not found: {path}")
+    meta = read_metadata(path)
+    if meta is None:
+        raise DataError(f"no metadata for {path}: expected {metadata_path(path)} "
+                        "(written by `lsskd export`) or metadata embedded in the file")
+    for key in ("classes", "input_shape", "mean", "std"):
+        if key not in meta:
+            raise DataError(f"metadata for {path} lacks '{key}'")
+    if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+        raise ExportError(f"{path} does not match the sha256 in {metadata_path(path)} "
+                          "(file altered or metadata from another export)")
+    return load_runner(path, meta, threads), meta
+
+
 def load_training_method(checkpoint: str | Path | TrainedRun, overrides: List[str] | None = None,
                          weights_only: bool = True):
     """(method, cfg, bundle): the full training-time method with its weights, rebuilt
     on the run's data (needed for anything the method's constructor sizes from it)."""
-    from ..engine.trainer import build_method
-
     run = read_run(checkpoint, overrides, weights_only)
     bundle = run.bundle()
     method = build_method(run.config, bundle)

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..data.base import DataError
+from ..errors import DataError
 from .load import normalize
 from .runners import Runner
 

@@ -12,10 +12,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
-from ..config import ConfigError
-from ..data.base import DataError
-from ..engine.checkpoint import CheckpointError
+from ..errors import CheckpointError, ConfigError, DataError
+from ..version import __version__
 from .export import onnx_bytes, torchscript_bytes
 from .load import TrainedRun, load_deployed, load_training_method, read_run
 from .runners import TorchRunner, load_runner, read_metadata

@@ -9,9 +9,9 @@ import torch
 
 from ..engine.checkpoint import atomic_write_bytes, atomic_write_json
 from . import edge
-from .export import core_metadata, sha256_bytes
+from .export import sha256_bytes
 from .formats import INPUT_NAME, ExportError, metadata_path
-from .load import Deployed
+from .load import Deployed, core_metadata
 from .runners import read_metadata
 
 

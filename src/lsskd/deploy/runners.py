@@ -1,5 +1,6 @@
-"""Running an exported model: TorchScript / ONNX / ExecuTorch runners behind one callable, reading
-an export's metadata, and opening a checkpoint or an exported file for prediction."""
+"""Running an exported model: TorchScript / ONNX / ExecuTorch runners behind one callable, and
+reading an export's metadata. (Opening a checkpoint or an exported file for prediction:
+:func:`lsskd.deploy.load.open_model`.)"""
 from __future__ import annotations
 
 import io
@@ -11,9 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..data.base import DataError
 from ..data.download import file_digest
+from ..errors import DataError
 from . import edge
 from .formats import FORMATS, META_KEY, ExportError, metadata_path, quiet
 
@@ -163,33 +163,6 @@ def load_runner(path: str | Path, meta: Dict | None = None, threads: int = 0) ->
     if fmt == "executorch":
         return ExecuTorchRunner(path, threads, str(path))
     return runner_from_bytes(path.read_bytes(), fmt, str(path), threads)
-
-
-def open_model(checkpoint: str | Path | None = None, model: str | Path | None = None,
-               weights_only: bool = True, threads: int = 0):
-    """(runner, metadata) from a training checkpoint or an exported file."""
-    from .export import core_metadata
-    from .load import load_deployed
-
-    if (checkpoint is None) == (model is None):
-        raise ConfigError("give exactly one of --checkpoint or --model")
-    if checkpoint is not None:
-        dep = load_deployed(checkpoint, weights_only)
-        return TorchRunner(dep.model, "checkpoint"), core_metadata(dep)
-    path = Path(model)
-    if not path.is_file():
-        raise ExportError(f"exported model not found: {path}")
-    meta = read_metadata(path)
-    if meta is None:
-        raise DataError(f"no metadata for {path}: expected {metadata_path(path)} "
-                        "(written by `lsskd export`) or metadata embedded in the file")
-    for key in ("classes", "input_shape", "mean", "std"):
-        if key not in meta:
-            raise DataError(f"metadata for {path} lacks '{key}'")
-    if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
-        raise ExportError(f"{path} does not match the sha256 in {metadata_path(path)} "
-                          "(file altered or metadata from another export)")
-    return load_runner(path, meta, threads), meta
 
 
 def sha256_file(path: str | Path) -> str:

@@ -30,9 +30,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from ..data.download import file_digest
-
-
-from ..errors import CheckpointError, StorageError, is_out_of_space  # noqa: E402,F401 - re-exported
+from ..errors import CheckpointError, StorageError, is_out_of_space
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,23 +1,23 @@
 """What a checkpoint holds, and how a trainer is put back into it.
 
-:func:`capture` gathers everything an exact resume needs (weights, optimiser and
-scaler state, epoch and step, the epoch's sample order, every RNG, the best score,
-running sums); :func:`restore` loads the newest usable file (``last.pt``, else
-``last.prev.pt``) and puts it back. The files themselves are written and verified by
-:mod:`lsskd.engine.checkpoint`.
+:class:`Progress` is where training stands (epoch and step, the epoch's sample order,
+the best score, the time trained, skipped steps, the epoch's running sums): one object
+the trainer reads and advances. :func:`capture` gathers everything an exact resume
+needs (weights, optimiser and scaler state, the progress, every RNG); :func:`restore`
+loads the newest usable file (``last.pt``, else ``last.prev.pt``) and puts it back. The
+files themselves are written and verified by :mod:`lsskd.engine.checkpoint`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict
+from typing import Dict, Optional
 
 import torch
 
-from .. import __version__
-from .checkpoint import CheckpointError, load_latest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+from ..errors import CheckpointError
+from ..version import __version__
+from .checkpoint import load_latest
 
 FORMAT = "lsskd-checkpoint-1"
 # Checkpoint keys resume needs; a file without them is not one of ours.
@@ -25,8 +25,42 @@ RESUME_KEYS = ("method", "optimizer", "scaler", "epoch", "step", "order", "rng",
                "train_seconds", "skipped_steps", "accum")
 
 
-def capture(tr: "Trainer", epoch_done: int, step: int) -> Dict:
-    """The trainer's full state after ``epoch_done`` epochs and ``step`` steps of the next."""
+@dataclass
+class Progress:
+    """Where a run stands.
+
+    ``epoch``: epochs finished; ``step``: optimiser steps taken in the next one (0 at an
+    epoch boundary, > 0 in a mid-epoch checkpoint); ``order``: that epoch's sample order
+    (drawn when it starts; a checkpoint keeps it only mid-epoch); ``best``: the best
+    evaluation so far (``top1``, ``top5``, ``epoch``); ``train_seconds``: time spent in
+    training epochs, over every session of the run; ``skipped_steps``: steps skipped for
+    a non-finite loss; ``sums``: the epoch's running sums of the training stats (``n``
+    samples, each loss term x n, ``correct``)."""
+
+    epoch: int = 0
+    step: int = 0
+    order: Optional[torch.Tensor] = None
+    best: Dict[str, float] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    sums: Dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> Dict:
+        """The checkpoint's entries (top-level keys of the file; ``sums`` is ``accum``)."""
+        return {"epoch": self.epoch, "step": self.step, "order": self.order if self.step else None,
+                "best": dict(self.best), "train_seconds": self.train_seconds,
+                "skipped_steps": self.skipped_steps, "accum": dict(self.sums)}
+
+    @classmethod
+    def from_state_dict(cls, st: Dict) -> "Progress":
+        return cls(epoch=st["epoch"], step=st["step"], order=st["order"], best=dict(st["best"]),
+                   train_seconds=st["train_seconds"], skipped_steps=st["skipped_steps"],
+                   sums=dict(st["accum"]))
+
+
+def capture(tr) -> Dict:
+    """The full state of the trainer ``tr`` (a :class:`lsskd.engine.trainer.Trainer`) at
+    its ``progress``."""
     return {
         "format": FORMAT,
         "version": __version__,
@@ -39,24 +73,19 @@ def capture(tr: "Trainer", epoch_done: int, step: int) -> Dict:
         "method": tr.method.state_dict(),
         "optimizer": tr.optimizer.state_dict(),
         "scaler": tr.scaler.state_dict(),
-        "epoch": epoch_done,
-        "step": step,
-        "order": tr.order if step else None,
+        **tr.progress.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data": tr.data_gen.get_state(),
             "aug": tr.aug_gen.get_state(),
         },
-        "best": dict(tr.best),
-        "train_seconds": tr.train_seconds,
-        "skipped_steps": tr.skipped_steps,
-        "accum": dict(tr.accum),
     }
 
 
-def restore(tr: "Trainer", path: Path, weights_only: bool = True) -> Path:
-    """Load the newest usable checkpoint at ``path`` into ``tr``; returns the file used."""
+def restore(tr, path: Path, weights_only: bool = True) -> Path:
+    """Load the newest usable checkpoint at ``path`` into the trainer ``tr`` (weights,
+    optimiser, scaler, RNGs, ``tr.progress``); returns the file used."""
     st, used = load_latest(path, weights_only=weights_only)
     missing = [k for k in RESUME_KEYS if k not in st]
     if missing:
@@ -76,10 +105,5 @@ def restore(tr: "Trainer", path: Path, weights_only: bool = True) -> Path:
         torch.cuda.set_rng_state_all(st["rng"]["cuda"])
     tr.data_gen.set_state(st["rng"]["data"])
     tr.aug_gen.set_state(st["rng"]["aug"])
-    tr.start_epoch, tr.start_step = st["epoch"], st["step"]
-    tr.order = st["order"]
-    tr.best = st["best"]
-    tr.train_seconds = st["train_seconds"]
-    tr.skipped_steps = st["skipped_steps"]
-    tr.accum = st["accum"]
+    tr.progress = Progress.from_state_dict(st)
     return used

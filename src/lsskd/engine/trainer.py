@@ -2,11 +2,12 @@
 
 Concerns live in their own modules: the run directory's files in
 :mod:`lsskd.engine.rundir`, what a checkpoint holds in :mod:`lsskd.engine.state`,
-config validation in :func:`lsskd.config.check_config`. Here: setup (device, AMP, DDP,
-compile), and the epoch loop as train (:meth:`Trainer._train_epoch`), evaluate
-(:meth:`Trainer._evaluate_epoch`) and log (:meth:`Trainer._log_epoch`). At about 460
-lines it is over the house's 400: the optimiser step with its non-finite handling and
-the summary are the remaining bulk, and each reads the trainer's whole state.
+config validation in :func:`lsskd.config.check_config`, the method's construction in
+:func:`lsskd.methods.build_method`. Here: setup (device, AMP, DDP, compile), and the epoch
+loop as train (:meth:`Trainer._train_epoch`), evaluate (:meth:`Trainer._evaluate_epoch`)
+and log (:meth:`Trainer._log_epoch`), advancing one :class:`~lsskd.engine.state.Progress`.
+At about 450 lines it is over the house's 400: the optimiser step with its non-finite
+handling and the summary are the remaining bulk, and each reads the trainer's whole state.
 """
 from __future__ import annotations
 
@@ -21,20 +22,18 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .. import __version__
-from ..config import ConfigError, check_config
+from ..config import check_config
 from ..data import BatchAugment, BatchIterator, DataBundle, build_run_data
-from ..errors import NonFiniteError, ResourceError, StorageError, oom_errors  # noqa: F401 - re-exported
-from ..models import build_model
-from ..methods.base import MethodContext
+from ..errors import ConfigError, NonFiniteError, ResourceError, StorageError, oom_errors
+from ..methods.build import build_method
 from ..methods.store import StoreBase
-from ..registry import METHODS
+from ..version import __version__
 from .checkpoint import save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .metrics import evaluate, recalibrate_bn, topk_correct  # noqa: F401 - re-exported
+from .metrics import evaluate, recalibrate_bn
 from .profile import count_macs, count_params
-from .rundir import RunDir, RunDirError, provenance  # noqa: F401 - RunDirError: re-exported
-from .state import capture as capture_state, restore as restore_state
+from .rundir import RunDir, provenance
+from .state import Progress, capture as capture_state, restore as restore_state
 
 
 def resolve_device(pref: str, dist_info: DistInfo) -> torch.device:
@@ -65,21 +64,6 @@ def build_optimizer(params, cfg_optim: Dict) -> torch.optim.Optimizer:
     # No weight decay on norm parameters/biases is a common tweak; the paper decays all.
     return torch.optim.SGD(params, lr=cfg_optim["lr"], momentum=cfg_optim["momentum"],
                            nesterov=cfg_optim["nesterov"], weight_decay=cfg_optim["weight_decay"])
-
-
-def build_method(cfg: Dict, bundle: DataBundle):
-    backbone = build_model(cfg["model"]["name"], len(bundle.classes), **cfg["model"].get("kwargs", {}))
-    cls = METHODS.get(cfg["method"]["name"])
-    acfg = cfg["data"]["augment"]
-    # The share of mixed batches: Mixup mixes every batch CutMix leaves unmixed.
-    mix_prob = 1.0 if acfg.get("mixup_alpha", 0.0) > 0 else acfg["cutmix_prob"]
-    method = cls(backbone, cfg["method"], MethodContext.from_bundle(bundle, mix_prob))
-    if method.wants_val and bundle.val is None:
-        # Built-in methods refuse this themselves; a third-party one would otherwise fail
-        # mid-run on a missing split.
-        raise ConfigError(f"method {cfg['method']['name']!r} reads the held-out split after every "
-                          f"epoch (wants_val): set data.val_fraction > 0 (e.g. 0.1)")
-    return method
 
 
 def compile_modules(method: nn.Module) -> list:
@@ -179,11 +163,7 @@ class Trainer:
                                       self.dist.rank, self.dist.world_size)
         self.data_gen = torch.Generator().manual_seed(cfg["seed"])
         self.aug_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-        self.start_epoch, self.start_step, self.order = 0, 0, None
-        self.best = {"top1": -1.0, "epoch": 0}
-        self.train_seconds = 0.0
-        self.skipped_steps = 0
-        self.accum: Dict[str, float] = {}
+        self.progress = Progress()  # epoch, step, order, best, time, sums: saved in checkpoints
         self.writer = None
         self.resumed_from: Optional[Path] = None
         if resume:
@@ -206,14 +186,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- checkpoints (contents: engine/state.py) -------------------------------------
-    def _state(self, epoch_done: int, step: int) -> Dict:
-        return capture_state(self, epoch_done, step)
-
-    def save(self, epoch_done: int, step: int) -> None:
-        # keep_previous: last.pt's predecessor stays as last.prev.pt (with its checksum),
-        # so a crash mid-save never leaves the run without a valid checkpoint.
+    def save(self) -> None:
+        """last.pt at the current progress. keep_previous: its predecessor stays as
+        last.prev.pt (with its checksum), so a crash mid-save never leaves the run
+        without a valid checkpoint."""
         if self.dist.is_main:
-            save_checkpoint(self._state(epoch_done, step), self.rundir.last, keep_previous=True)
+            save_checkpoint(capture_state(self), self.rundir.last, keep_previous=True)
 
     # --- loop ------------------------------------------------------------------
     def fit(self) -> Dict:
@@ -251,21 +229,23 @@ class Trainer:
 
     def _fit(self) -> Dict:
         t = self.tcfg
+        start_epoch = self.progress.epoch
         if self.dist.is_main:
-            self.rundir.start(self.cfg, self.resume, self.start_epoch)
+            self.rundir.start(self.cfg, self.resume, start_epoch)
             # On resume, drop events of epochs the checkpoint had not finished (they are replayed).
-            self.writer = (self.rundir.tensorboard(self.start_epoch + 1 if self.resume else None)
+            self.writer = (self.rundir.tensorboard(start_epoch + 1 if self.resume else None)
                            if t["tensorboard"] else None)
         epochs = t["epochs"]
         steps = len(self.iterator)
         if t["max_steps_per_epoch"]:
             steps = min(steps, t["max_steps_per_epoch"])
         last_eval: Dict[str, float] = {}
-        for epoch0 in range(self.start_epoch, epochs):
+        for epoch0 in range(start_epoch, epochs):
             t0 = time.time()
-            train_stats, schedule, t0 = self._train_epoch(epoch0, epochs, steps, t0)
+            train_stats, schedule, speed = self._train_epoch(epoch0, epochs, steps)
             last_eval, val_extra = self._evaluate_epoch(epoch0)
-            self._log_epoch(epoch0, train_stats, schedule, last_eval, val_extra, t0)
+            self._log_epoch(epoch0, train_stats, schedule, last_eval, val_extra,
+                            {"epoch_seconds": time.time() - t0, **speed})
         if not last_eval:  # resumed after the final epoch's checkpoint: nothing left to train
             if self.dist.is_main:
                 print(f"note: {self.run_dir} had already finished all {epochs} epochs; nothing was "
@@ -279,41 +259,48 @@ class Trainer:
                 self.writer.close()
         return summary
 
-    def _train_epoch(self, epoch0: int, epochs: int, steps: int, t0: float):
+    def _train_epoch(self, epoch0: int, epochs: int, steps: int):
         """One epoch of optimiser steps (from a mid-epoch checkpoint's step on a resume).
-        Returns (mean training stats, the schedule values it trained with, the time the
-        current timing interval started: a mid-epoch checkpoint restarts it)."""
-        t, main = self.tcfg, self.dist.is_main
+        Returns (mean training stats, the schedule values it trained with, the speed of
+        the steps this session ran: ``img_per_s``)."""
+        t, main, p = self.tcfg, self.dist.is_main, self.progress
         self.method.train()
         self.method.on_epoch_start(epoch0 + 1, epochs)
-        if self.start_step == 0 or self.order is None:
-            self.order = self.iterator.order(self.data_gen)
-            self.accum = {}
-        first = self.start_step
-        self.start_step = 0
+        if p.step == 0 or p.order is None:
+            p.order = self.iterator.order(self.data_gen)
+            p.sums = {}
+        first = p.step
+        # Samples of this epoch trained before a resume: in the sums, not in this session's time.
+        n_before = p.sums.get("n", 0.0)
+        start = t0 = time.time()  # t0: the interval not yet added to train_seconds
         bar = _progress(t["progress"] and main, steps, first, f"epoch {epoch0 + 1}/{epochs}")
-        for step, (idx, xb, yb) in enumerate(self.iterator.batches(self.order, first), start=first):
+        for step, (idx, xb, yb) in enumerate(self.iterator.batches(p.order, first), start=first):
             if step >= steps:
                 break
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(self.cfg["optim"], epochs, epoch0, step, steps)
             self._train_step(idx, xb, yb, epoch0, step)
+            p.step = step + 1
             if bar is not None:
-                n = max(1.0, self.accum.get("n", 1.0))
-                bar.set_postfix(loss=f"{self.accum.get('loss', 0) / n:.3f}",
-                                img_s=f"{self.accum.get('n', 0) / max(1e-9, time.time() - t0):.0f}")
+                n = max(1.0, p.sums.get("n", 1.0))
+                bar.set_postfix(loss=f"{p.sums.get('loss', 0) / n:.3f}",
+                                img_s=f"{(p.sums.get('n', 0) - n_before) / max(1e-9, time.time() - start):.0f}")
                 bar.update(1)
-            if t["ckpt_every_steps"] and (step + 1) % t["ckpt_every_steps"] == 0 and step + 1 < steps:
-                self.train_seconds += time.time() - t0
+            if t["ckpt_every_steps"] and p.step % t["ckpt_every_steps"] == 0 and p.step < steps:
+                p.train_seconds += time.time() - t0
                 t0 = time.time()
-                self.save(epoch0, step + 1)
+                self.save()
         if bar is not None:
             bar.close()
         train_stats = self._reduce_accum()
         schedule = self.method.schedule_stats()  # the values this epoch trained with
         self.method.on_epoch_end(train_stats)
-        self.train_seconds += time.time() - t0
-        return train_stats, schedule, t0
+        p.train_seconds += time.time() - t0
+        p.epoch, p.step = epoch0 + 1, 0
+        # Every rank restored the same sums on a resume, so the ranks' total before it is
+        # world_size times this rank's.
+        trained = train_stats.get("n", 0.0) - n_before * self.dist.world_size
+        return train_stats, schedule, {"img_per_s": trained / max(1e-9, time.time() - start)}
 
     def _eval_split(self):
         return self.bundle.val if self.cfg["data"]["eval_on"] == "val" else self.bundle.test
@@ -344,21 +331,21 @@ class Trainer:
         return last_eval, val_extra
 
     def _log_epoch(self, epoch0: int, train_stats: Dict, schedule: Dict, last_eval: Dict,
-                   val_extra: Dict, t0: float) -> None:
+                   val_extra: Dict, timing: Dict) -> None:
         """The epoch's metrics row (metrics.jsonl, TensorBoard), best.pt when it is the
-        best so far, and last.pt."""
-        main = self.dist.is_main
+        best so far, and last.pt. ``timing``: ``epoch_seconds`` and ``img_per_s`` of the
+        part of the epoch this session ran."""
+        main, p = self.dist.is_main, self.progress
         row = {"epoch": epoch0 + 1, "lr": self.optimizer.param_groups[0]["lr"],
                **{f"train_{k}": v for k, v in train_stats.items()},
                **{f"method_{k}": v for k, v in schedule.items()},
                **{f"{self.cfg['data']['eval_on']}_{k}": v for k, v in last_eval.items()}, **val_extra,
-               "epoch_seconds": time.time() - t0, "train_seconds": self.train_seconds,
-               "img_per_s": train_stats.get("n", 0) / max(1e-9, time.time() - t0),
-               "skipped_steps": self.skipped_steps}
-        if last_eval["top1"] > self.best["top1"]:
-            self.best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "epoch": epoch0 + 1}
+               "epoch_seconds": timing["epoch_seconds"], "train_seconds": p.train_seconds,
+               "img_per_s": timing["img_per_s"], "skipped_steps": p.skipped_steps}
+        if last_eval["top1"] > p.best["top1"]:
+            p.best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "epoch": epoch0 + 1}
             if main:
-                save_checkpoint(self._state(epoch0 + 1, 0), self.rundir.best)
+                save_checkpoint(capture_state(self), self.rundir.best)
         if main:
             self.rundir.append_metrics(row)
             if self.writer is not None:
@@ -366,7 +353,7 @@ class Trainer:
                     if isinstance(v, (int, float)) and k != "epoch":
                         self.writer.add_scalar(k.replace("_", "/", 1), v, epoch0 + 1)
                 self.writer.flush()
-            self.save(epoch0 + 1, 0)
+            self.save()
 
     def _train_step(self, idx, xb, yb, epoch0, step):
         dev = self.device
@@ -405,19 +392,19 @@ class Trainer:
         if bad:
             msg = (f"non-finite {'loss term(s) ' + which if which != 'gradient' else 'gradient'} "
                    f"at epoch {epoch0 + 1}, step {step + 1}")
-            if self.tcfg["nonfinite"] == "skip" and self.skipped_steps < self.tcfg["max_skipped_steps"]:
-                self.skipped_steps += 1
+            if self.tcfg["nonfinite"] == "skip" and self.progress.skipped_steps < self.tcfg["max_skipped_steps"]:
+                self.progress.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for buf, saved in bn_saved:
                         buf.copy_(saved)
-                print(f"warning: {msg}; step skipped ({self.skipped_steps}/{self.tcfg['max_skipped_steps']})",
+                print(f"warning: {msg}; step skipped ({self.progress.skipped_steps}/{self.tcfg['max_skipped_steps']})",
                       file=sys.stderr)
                 return
             last = self.run_dir / "last.pt"
             where = (f"the last good checkpoint is {last}" if last.is_file()
                      else "no checkpoint was written before it")
-            limit = (f" after skipping {self.skipped_steps} step(s) (train.max_skipped_steps)"
+            limit = (f" after skipping {self.progress.skipped_steps} step(s) (train.max_skipped_steps)"
                      if self.tcfg["nonfinite"] == "skip" else "")
             raise NonFiniteError(f"{msg}{limit}; {where}. Lower optim.lr, or set train.nonfinite=skip "
                                  "(and train.max_skipped_steps) to skip such steps")
@@ -425,7 +412,7 @@ class Trainer:
         self.scaler.update()
         self.method.after_step()
         b = len(yb) if extra is None else len(yb) - len(extra)
-        a = self.accum
+        a = self.progress.sums
         a["n"] = a.get("n", 0.0) + b
         a["loss"] = a.get("loss", 0.0) + float(loss.detach()) * b
         for k, v in losses.items():
@@ -433,8 +420,9 @@ class Trainer:
         a["correct"] = a.get("correct", 0.0) + float((logits[:b].argmax(1) == yb[:b]).sum())
 
     def _reduce_accum(self) -> Dict[str, float]:
-        keys = sorted(self.accum)
-        vals = torch.tensor([self.accum[k] for k in keys], dtype=torch.float64)
+        sums = self.progress.sums
+        keys = sorted(sums)
+        vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         vals = all_reduce_sum(vals)
         tot = dict(zip(keys, vals.tolist()))
         n = max(1.0, tot.get("n", 1.0))
@@ -461,18 +449,18 @@ class Trainer:
             "train_size": len(self.bundle.train),
             "test_top1": last_eval.get("top1"),
             "test_top5": last_eval.get("top5"),
-            "test_top1_best": self.best["top1"],
+            "test_top1_best": self.progress.best["top1"],
             # With data.eval_on=val the three scores above are on the held-out split, and
             # val_* copies make that explicit; no test-set number is produced then.
             **({"val_top1": last_eval.get("top1"), "val_top5": last_eval.get("top5"),
-                "val_top1_best": self.best["top1"]} if cfg["data"]["eval_on"] == "val" else {}),
-            "best_epoch": self.best["epoch"],
+                "val_top1_best": self.progress.best["top1"]} if cfg["data"]["eval_on"] == "val" else {}),
+            "best_epoch": self.progress.best["epoch"],
             "params_deployed": count_params(deployed),
             "params_train": count_params(self.method),
             "macs_deployed": count_macs(deployed, shape),
             "macs_train": self.method.training_macs(shape),
-            "train_seconds": round(self.train_seconds, 2),
-            "skipped_steps": self.skipped_steps,
+            "train_seconds": round(self.progress.train_seconds, 2),
+            "skipped_steps": self.progress.skipped_steps,
             "version": __version__,
             "provenance": provenance(),
         }

@@ -8,8 +8,8 @@ together with any auxiliary heads' scores from one backbone pass. ``deploy()``
 returns the bare backbone.
 
 A method is built as ``cls(backbone, cfg, context)``: ``cfg`` is its ``method.``
-config section, ``context`` a :class:`MethodContext` describing the run's data (the
-trainer builds it in one place, ``MethodContext.from_bundle``).
+config section, ``context`` a :class:`MethodContext` describing the run's data (built
+in one place, ``MethodContext.from_bundle``, by :func:`lsskd.methods.build_method`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from torch import nn
 from ..config import check_declared, validate_section
 from ..data.augment import MixInfo
 from ..models.staged import StagedBackbone
-from .losses import mix_targets, soft_cross_entropy  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -170,18 +169,11 @@ class Method(nn.Module):
         return None
 
     @torch.no_grad()
-    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Extra per-head class scores for evaluation, e.g. ``{'branch1': logits}``.
-        A method with extra heads overrides :meth:`eval_forward` instead (one pass);
-        this remains for methods written against the earlier contract."""
-        return {}
-
-    @torch.no_grad()
     def eval_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Evaluation in eval mode: (the deployed backbone's logits, extra heads' class
         scores such as ``{'branch1': logits}``). Methods with extra heads override this
-        to get both from one backbone pass."""
-        return self(x), self.eval_outputs(x)
+        to get both from one backbone pass; the default has none."""
+        return self(x), {}
 
     def summary_notes(self, summary: Dict) -> List[str]:
         """One-line notes for the user about the finished run (``summary`` is the run's

@@ -34,7 +34,7 @@ class BeYourOwnTeacher(Method):
     the hint term needs no adapter. Features are compared after pooling. With CutMix
     the CE targets of every exit are mixed; the KD and hint terms compare exits on the
     same (mixed) image and need no mixing. Exits are training-only: ``deploy()`` is
-    the bare backbone and ``eval_outputs`` reports ``branch1..branch{S-1}``.
+    the bare backbone and ``eval_forward`` reports ``branch1..branch{S-1}``.
     """
 
     defaults = {"alpha": 0.3, "T": 3.0, "lambda": 0.03}
@@ -70,10 +70,6 @@ class BeYourOwnTeacher(Method):
         """(deepest logits, each shallow exit's logits as ``branch1..``), one backbone pass."""
         feats, _, logits = self.backbone.forward_features(x)
         return logits, {f"branch{l + 1}": ex(f)[1] for l, (ex, f) in enumerate(zip(self.exits, feats))}
-
-    @torch.no_grad()
-    def eval_outputs(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.eval_forward(x)[1]
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training forward: backbone plus every exit."""

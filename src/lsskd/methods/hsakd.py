@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..deploy.load import extract_backbone
+from ..engine.profile import count_macs
+from ..errors import ConfigError
 from .base import Method, register_method
 from .branch import Branch
 from .kd import freeze, teacher_state
@@ -28,8 +30,6 @@ class HSAKDTeacher(nn.Module):
     def __init__(self, cfg: Dict, state: Dict[str, torch.Tensor], num_classes: int, num_views: int,
                  source: str):
         super().__init__()
-        from ..deploy.load import extract_backbone
-
         self.backbone = extract_backbone(cfg, state, num_classes, source)
         S, MC = self.backbone.num_stages, num_views * num_classes
         head = state.get("aux.0.head.weight")
@@ -152,8 +152,6 @@ class HSAKD(Method):
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: student and teacher, each with its branches, on M views."""
-        from ..engine.profile import count_macs
-
         M = self.num_views
         return M * (count_macs(self, input_shape, forward=self.student)
                     + count_macs(self.teacher, input_shape))

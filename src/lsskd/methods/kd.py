@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..deploy.load import extract_backbone, read_run
+from ..engine.profile import count_macs
+from ..errors import ConfigError
 from .base import Method, register_method
 from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
@@ -17,17 +19,17 @@ from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 def teacher_state(path: str | Path, num_classes: int, input_shape: Sequence[int] | None = None,
                   classes: Sequence[str] | None = None, key: str = "method.teacher_checkpoint",
                   method: str = "kd"):
-    """(stored config, checkpoint state) of a teacher run trained by this tool, after checking
-    that it exists and predicts the student's classes (count and names, in label order) on the
-    student's input shape. The checkpoint is read with ``weights_only``."""
-    from ..engine.evaluation import load_trained
-
+    """(stored config, checkpoint state) of a teacher run trained by this tool, read by
+    :func:`~lsskd.deploy.load.read_run` after checking that it exists and predicts the
+    student's classes (count and names, in label order) on the student's input shape.
+    The checkpoint is read with ``weights_only``."""
     if not path:
         raise ConfigError(f"{key} must name a checkpoint (e.g. runs/teacher/best.pt) for method '{method}'")
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}: teacher checkpoint not found: {path}")
-    cfg, st = load_trained(path)  # weights_only load
+    run = read_run(path)  # weights_only load
+    st = run.state
     t_classes = list(st.get("classes", []))
     if len(t_classes) != num_classes:
         raise ConfigError(f"{key}: teacher {path} predicts {len(t_classes)} classes, "
@@ -39,7 +41,7 @@ def teacher_state(path: str | Path, num_classes: int, input_shape: Sequence[int]
     if input_shape is not None and list(st.get("input_shape", input_shape)) != list(input_shape):
         raise ConfigError(f"{key}: teacher {path} was trained on inputs {tuple(st['input_shape'])}, "
                           f"the student's are {tuple(input_shape)}")
-    return cfg, st
+    return run.config, st
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -57,8 +59,6 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     The architecture comes from the checkpoint's own stored config; only the
     ``backbone.*`` weights are used, so the teacher may have been trained by any method.
     """
-    from ..deploy.load import extract_backbone
-
     cfg, st = teacher_state(path, num_classes, input_shape, classes, key)
     return freeze(extract_backbone(cfg, st["method"], num_classes, f"teacher {Path(path).expanduser()}"))
 
@@ -124,6 +124,4 @@ class KnowledgeDistillation(Method):
 
     def training_macs(self, input_shape) -> int:
         """MACs of one training sample: the student's forward pass and the teacher's."""
-        from ..engine.profile import count_macs
-
         return super().training_macs(input_shape) + count_macs(self.teacher, input_shape)

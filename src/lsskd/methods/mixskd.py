@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.augment import MixInfo, mixup
 from .base import Method, register_method
 from .branch import Branch

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Method, register_method
 from .losses import joint_class_logits, joint_labels, kl_div, mix_targets, soft_cross_entropy
 from .transforms import ViewFamily, build_views

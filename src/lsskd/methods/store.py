@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 # Bytes of the per-sample "row written" flags: one for P, one per view for Q.
 def _flag_bytes(num_views: int, num_branches: int) -> int:
     return 1 + (num_views if num_branches else 0)
@@ -151,8 +153,6 @@ class TopKStore(StoreBase):
                  num_views: int = 1, k: int = 10, host: bool = False):
         super().__init__(num_samples, num_classes, num_branches, num_views, host)
         if k < 1:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.store_topk must be >= 1, got {k}")
         self.k_final = min(k, num_classes)
         self.k_joint = min(k, self.joint)
@@ -235,8 +235,6 @@ def choose_store(num_samples: int, num_classes: int, num_branches: int, num_view
     ``mode=dense`` / ``topk`` take that layout; ``auto`` without a budget (0) is dense
     in ``dtype``; ``auto`` with a budget takes the first of dense fp32, dense fp16,
     top-k that fits, and raises ConfigError if none does."""
-    from ..config import ConfigError
-
     def total(kind, dt=torch.float32):
         return num_samples * store_bytes_per_sample(num_classes, num_branches, num_views, kind, dt, k)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import TRANSFORMS
+from .losses import joint_labels
 
 
 class ViewFamily:
@@ -23,8 +25,6 @@ class ViewFamily:
     def joint_labels(y: torch.Tensor, num_views: int) -> torch.Tensor:
         """(M*B,) joint labels y*M + k in the view-major order of the stacked batch
         (:func:`lsskd.methods.losses.joint_labels`)."""
-        from .losses import joint_labels
-
         return joint_labels(y, num_views)
 
 
@@ -96,8 +96,6 @@ class AxisPermutations(ViewFamily):
     def view(x: torch.Tensor, k: int) -> torch.Tensor:
         c = x.shape[1]
         if c % 3:
-            from ..config import ConfigError
-
             raise ConfigError(f"method.views=axis_perm needs channels in 3-axis groups, got {c} channels")
         j = torch.arange(c, device=x.device)
         src = (j // 3) * 3 + (j % 3 + k) % 3

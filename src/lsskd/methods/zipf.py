@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Method, register_method
 from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 

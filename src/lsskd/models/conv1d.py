@@ -16,6 +16,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..registry import MODELS
 from .staged import StagedBackbone, plan_layout, stack_stages
 
@@ -51,8 +52,6 @@ class ConvBNReLU1d(nn.Sequential):
 
 
 def _check_positive(name: str, values: Sequence[int]) -> None:
-    from ..config import ConfigError
-
     if not values or any(int(v) <= 0 for v in values):
         raise ConfigError(f"model.kwargs.{name} must be positive integers, got {list(values)!r}")
 
@@ -66,8 +65,6 @@ class ResNet1d(StagedBackbone):
         _check_positive("widths", widths)
         _check_positive("blocks", blocks)
         if len(blocks) != len(widths):
-            from ..config import ConfigError
-
             raise ConfigError(f"model.kwargs.blocks has {len(blocks)} entries but widths has {len(widths)}")
         stem_width = stem_width or widths[0]
         self.kernel_size = kernel_size

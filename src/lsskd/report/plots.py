@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .runs import Group, current_defaults, fmt_setting, identity, method_name, short_names, varying_keys
 from .tables import mean_std
 

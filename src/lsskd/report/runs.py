@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ..config import ConfigError, flatten, is_execution_key
+from ..config import flatten, is_execution_key
 from ..engine.runlock import LOCK_NAME, describe, holder
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 def ignored_key(key: str) -> bool:

@@ -174,7 +174,7 @@ def _human(n: Optional[int]) -> str:
 
 def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[Path],
              baseline: Optional[str], plots: Sequence[Tuple[str, str]], sources: Sequence[str]) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     evals = sorted({r.eval_on for r in runs})
     split = evals[0] if len(evals) == 1 else "/".join(evals)

@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..config import ConfigError, build_config, flatten, is_execution_key, merge, parse_override
+from ..config import build_config, flatten, is_execution_key, merge, parse_override
 from ..engine.runlock import describe, holder
+from ..errors import ConfigError
 
 PLAN_KEYS = {"configs", "seeds", "overrides", "grid", "out_root", "only"}
 # Keys the sweep sets itself for every run.
