@@ -13,14 +13,13 @@ from torch import nn
 from ..deploy.load import extract_backbone
 from ..engine.profile import count_macs
 from ..errors import ConfigError
-from .base import Method, register_method
+from .base import register_method
 from .branch import Branch
-from .kd import freeze, teacher_state
+from .kd import FrozenTeacherMethod, freeze, teacher_state
 from .losses import joint_class_logits, kl_div, mix_targets, soft_cross_entropy
-from .transforms import ViewFamily, build_views
+from .transforms import ViewFamily, build_views, resolve_views
 
 # The view family of ``views: auto`` by data modality (as LSSKD's, whose runs train the teacher).
-AUTO_VIEWS = {"image": "rotation", "signal": "time_flip"}
 
 
 class HSAKDTeacher(nn.Module):
@@ -54,7 +53,7 @@ class HSAKDTeacher(nn.Module):
 
 
 @register_method("hsakd")
-class HSAKD(Method):
+class HSAKD(FrozenTeacherMethod):
     """HSAKD's student: branches after every stage learn only from a frozen teacher's branches,
     on all M transformed views; the final head learns from the labels and the teacher's head.
 
@@ -95,16 +94,14 @@ class HSAKD(Method):
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
-        views = self.cfg["views"]
-        if views == "auto":
-            views = AUTO_VIEWS.get(self.context.modality, "rotation")
+        views = resolve_views(self.cfg["views"], self.context.modality)
         self.views: ViewFamily = build_views(views)
         M, C = self.views.num_views, self.num_classes
         self.num_views = M
         path = self.cfg["teacher_checkpoint"]
         tcfg, st = teacher_state(path, C, self.context.input_shape, self.context.classes, method="hsakd")
         t_views = tcfg["method"].get("views", "auto")
-        t_views = AUTO_VIEWS.get(self.context.modality, "rotation") if t_views == "auto" else t_views
+        t_views = resolve_views(t_views, self.context.modality)
         if t_views != views:
             raise ConfigError(f"method.views={views!r} but the teacher {path} was trained on {t_views!r} views")
         teacher = HSAKDTeacher(tcfg, st["method"], C, M, f"teacher {Path(path).expanduser()}")
@@ -113,20 +110,6 @@ class HSAKD(Method):
                               f"stages, the student {backbone.num_stages}; HSAKD pairs branch l with branch l")
         self._teacher = [teacher]  # a plain list hides it from nn.Module's registration
         self.aux = nn.ModuleList(Branch(backbone, l, M * C, "stage") for l in range(backbone.num_stages))
-
-    @property
-    def teacher(self) -> HSAKDTeacher:
-        return self._teacher[0]
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def student(self, xv: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(final logits, each branch's joint logits) on stacked views."""

@@ -64,7 +64,27 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
 
 
 @register_method("kd")
-class KnowledgeDistillation(Method):
+class FrozenTeacherMethod(Method):
+    """A method with a frozen teacher network kept outside the module tree (``self._teacher``,
+    a plain list, set by the subclass): not in ``state_dict()`` or ``parameters()``, yet moved
+    with the method (``.to()``/``.cuda()``) and always in eval mode."""
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+
+class KnowledgeDistillation(FrozenTeacherMethod):
     """Hinton KD from a frozen teacher checkpoint.
 
     L = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
@@ -96,20 +116,6 @@ class KnowledgeDistillation(Method):
                                self.context.input_shape, self.context.classes)
         # A plain list hides the teacher from nn.Module's registration.
         self._teacher = [teacher]
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self._teacher[0]
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def train_forward(self, x, y, idx, mix):
         T, alpha = self.cfg["T"], self.cfg["alpha"]

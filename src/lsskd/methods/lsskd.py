@@ -44,11 +44,9 @@ from .gate import FitGapGate
 from .losses import (aggregate_views, feature_loss, joint_class_logits, joint_labels, kl_div,
                      mix_targets, progressive_target, soft_cross_entropy)
 from .store import choose_store, build_store
-from .transforms import ViewFamily, build_views
+from .transforms import ViewFamily, build_views, resolve_views
 
 
-# Default self-supervised family per data modality (``method.views=auto``).
-AUTO_VIEWS = {"image": "rotation", "signal": "time_flip"}
 
 
 @register_method("lsskd")
@@ -127,9 +125,7 @@ class LSSKD(Method):
                                  c["gap_width"])
         self.wants_val = self.gating.wants_val
         self.may_leave_params_unused = c["branches_when_shut"] == "skip"
-        views = c["views"]
-        if views == "auto":
-            views = AUTO_VIEWS.get(self.context.modality, "rotation")
+        views = resolve_views(c["views"], self.context.modality)
         self.views: ViewFamily = build_views(views if c["branches"] else "identity")
         M = self.views.num_views
         self.num_views = M

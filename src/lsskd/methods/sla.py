@@ -11,10 +11,9 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Method, register_method
 from .losses import joint_class_logits, joint_labels, kl_div, mix_targets, soft_cross_entropy
-from .transforms import ViewFamily, build_views
+from .transforms import ViewFamily, build_views, resolve_views
 
 # The view family of ``method.views=auto`` by data modality (as LSSKD's).
-AUTO_VIEWS = {"image": "rotation", "signal": "time_flip"}
 
 
 def aggregated_logits(joint: torch.Tensor, batch: int, num_views: int) -> torch.Tensor:
@@ -62,9 +61,7 @@ class SelfSupervisedLabelAugmentation(Method):
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
-        views = self.cfg["views"]
-        if views == "auto":
-            views = AUTO_VIEWS.get(self.context.modality, "rotation")
+        views = resolve_views(self.cfg["views"], self.context.modality)
         self.views: ViewFamily = build_views(views)
         self.num_views = self.views.num_views
         if self.num_views < 2:

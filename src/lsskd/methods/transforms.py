@@ -105,5 +105,14 @@ class AxisPermutations(ViewFamily):
         return torch.cat([self.view(x, k) for k in range(3)])
 
 
+# Default self-supervised family per data modality (``method.views=auto``).
+AUTO_VIEWS = {"image": "rotation", "signal": "time_flip"}
+
+
+def resolve_views(name: str, modality: str) -> str:
+    """The view family a ``method.views`` value names (``auto``: by the data's modality)."""
+    return AUTO_VIEWS.get(modality, "rotation") if name == "auto" else name
+
+
 def build_views(name: str) -> ViewFamily:
     return TRANSFORMS.build(name)
