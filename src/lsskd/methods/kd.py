@@ -63,7 +63,6 @@ def load_teacher(path: str | Path, num_classes: int, input_shape: Sequence[int] 
     return freeze(extract_backbone(cfg, st["method"], num_classes, f"teacher {Path(path).expanduser()}"))
 
 
-@register_method("kd")
 class FrozenTeacherMethod(Method):
     """A method with a frozen teacher network kept outside the module tree (``self._teacher``,
     a plain list, set by the subclass): not in ``state_dict()`` or ``parameters()``, yet moved
@@ -84,6 +83,7 @@ class FrozenTeacherMethod(Method):
         return self
 
 
+@register_method("kd")
 class KnowledgeDistillation(FrozenTeacherMethod):
     """Hinton KD from a frozen teacher checkpoint.
 
