@@ -97,10 +97,15 @@ def aggregate_views(joint: torch.Tensor, num_views: int, views: Optional[Sequenc
 
     (B, C) from (V*B, M*C). Given logits it is SLA's aggregation; given log-probabilities
     it differs from it by a constant per row, so softmax and argmax are the same."""
+    return view_class_scores(joint, num_views, views).mean(0)
+
+
+def view_class_scores(joint: torch.Tensor, num_views: int, views: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """(V, B, C): for each stacked view t_k (rows view-major), its joint scores at the slots
+    ``c * M + k``, the class scores :func:`aggregate_views` averages."""
     views = list(range(num_views)) if views is None else list(views)
     b = joint.shape[0] // len(views)
-    parts = [joint[p * b:(p + 1) * b, k::num_views] for p, k in enumerate(views)]
-    return torch.stack(parts).mean(0)
+    return torch.stack([joint[p * b:(p + 1) * b, k::num_views] for p, k in enumerate(views)])
 
 
 # --- distillation ---------------------------------------------------------------------

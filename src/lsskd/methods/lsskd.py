@@ -42,7 +42,7 @@ from .base import Method, register_method
 from .branch import Branch, frozen_bn_stats, scale_grad
 from .gate import FitGapGate
 from .losses import (aggregate_views, feature_loss, joint_class_logits, joint_labels, kl_div,
-                     mix_targets, progressive_target, soft_cross_entropy)
+                     mix_targets, progressive_target, soft_cross_entropy, view_class_scores)
 from .store import choose_store, build_store
 from .transforms import ViewFamily, build_views, resolve_views
 
@@ -348,8 +348,7 @@ class LSSKD(Method):
         n = have.sum(0)
         parts = []
         for l in levels:
-            logq = self.store.get_branch(l, idx).clamp_min(1e-12).log()
-            per_view = torch.stack([logq[k * B:(k + 1) * B, k::M] for k in range(M)])
+            per_view = view_class_scores(self.store.get_branch(l, idx).clamp_min(1e-12).log(), M)
             parts.append((per_view * have[:, :, None]).sum(0) / n.clamp_min(1.0)[:, None])
         if c["head_teacher"] == "branches_head":
             parts.append(self.store.get_final(idx)[0].clamp_min(1e-12).log())
