@@ -539,3 +539,42 @@ def test_report_shows_the_ceiling_the_head_chases(tmp_path):
     # branch 3 agg 66/69 -> 67.50 ± 2.12; ensemble 68/70 -> 69.00 ± 1.41; head 60/64;
     # deepest - head: 3 and 0 -> 1.50 ± 2.12
     assert cells[3:] == ["67.50 ± 2.12", "69.00 ± 1.41", "62.00 ± 2.83", "1.50 ± 2.12"]
+
+
+def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, capsys):
+    """`lsskd report --cells`: one row per sweep name, one column per cell; the paired Δ is computed
+    inside each cell, FLOPs from macs_train, time from train_seconds (both over the cell's CE)."""
+    def run(cell, name, method, seed, top1, macs, secs):
+        d = make_run(tmp_path / cell, name, method, seed, top1, 90.0, top1, 3)
+        s = json.loads((d / "summary.json").read_text())
+        s.update(macs_train=macs, train_seconds=secs)
+        (d / "summary.json").write_text(json.dumps(s))
+
+    for s, (c, l) in enumerate([(60.0, 63.0), (62.0, 66.0), (61.0, 63.0)]):   # A: diffs 3, 4, 2
+        run("A", "ce", "ce", s, c, 100, 10.0)
+        run("A", "lsskd_selfsup", "lsskd", s, l, 450, 40.0)
+    for s, (c, l) in enumerate([(50.0, 49.0), (52.0, 52.0)]):                 # B: diffs -1, 0
+        run("B", "ce", "ce", s, c, 100, 20.0)
+        run("B", "lsskd_selfsup", "lsskd", s, l, 450, 100.0)
+    run("B", "sla", "sla", 0, 55.0, 400, 30.0)                                 # one seed: no pairing
+    assert main(["report", "--cells", f"cellA={tmp_path / 'A'}", str(tmp_path / "B"),
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = {(r["group"], r["cell"]): r for r in read_csv(tmp_path / "out" / "cells.csv")}
+    a, b = rows[("lsskd_selfsup", "cellA")], rows[("lsskd_selfsup", "B")]
+    assert float(a["paired_delta"]) == 3.0 and float(a["paired_se"]) == pytest.approx(1 / math.sqrt(3), abs=1e-4)
+    assert float(b["paired_delta"]) == -0.5 and float(b["paired_se"]) == pytest.approx(0.5, abs=1e-4)
+    assert float(a["flops_vs_baseline"]) == 4.5 and float(a["time_vs_baseline"]) == 4.0
+    assert float(b["time_vs_baseline"]) == 5.0 and rows[("sla", "B")]["paired_delta"] == ""
+    assert ("sla", "cellA") not in rows
+    md = (tmp_path / "out" / "cells.md").read_text()
+    # the row's cost averages its cells: time (4 + 5) / 2
+    assert "| lsskd_selfsup | 64.00 ± 1.73 (n=3)<br>+3.00 ± 0.58 (3) | 50.50 ± 2.12 (n=2)<br>-0.50 ± 0.50 (2) | 4.50 | 4.50 |" in md
+    assert "| sla | – | 55.00 (n=1) | 4.00 | 1.50 |" in md
+    # a baseline named by its sweep folder works; one no cell has is refused before writing
+    assert main(["report", "--cells", str(tmp_path / "A"), "--compare-to", "lsskd_selfsup",
+                 "--out", str(tmp_path / "o2")]) == 0
+    assert "-3.00 ± 0.58 (3)" in (tmp_path / "o2" / "cells.md").read_text()
+    assert main(["report", "--cells", str(tmp_path / "A"), "--compare-to", "pskd", "--out", str(tmp_path / "o3")]) == 2
+    assert "pskd" in capsys.readouterr().err and not (tmp_path / "o3" / "cells.md").exists()
+    assert main(["report", "--cells", f"x={tmp_path / 'A'}", f"x={tmp_path / 'B'}"]) == 2
+    assert "two cells named 'x'" in capsys.readouterr().err

@@ -24,6 +24,10 @@ def add_parser(sub):
                         "'method', e.g. ce or lsskd_selfsup) or a group's label as the report prints it "
                         "(e.g. lsskd, beside variants such as 'lsskd (gamma=0)'); default: ce, where "
                         "present; 'none' to omit. A baseline that no run has is an error")
+    p.add_argument("--cells", action="store_true",
+                   help="treat each RUN_DIR as one cell (NAME=DIR names it; default: the folder's name) "
+                        "and write cells.md/cells.csv: every group on every cell with its paired delta vs "
+                        "the baseline in that cell, training FLOPs and training time relative to it")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--allow-repeated-seeds", action="store_true",
                    help="count two run folders with the same config and seed as two seeds (by default "
@@ -35,6 +39,8 @@ def run(args) -> int:
     from ..report import build_report, describe_repeats
     from ..report.runs import left_out_reason
 
+    if args.cells:
+        return _run_cells(args)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] or None
     out = args.out or args.runs[0]
     if Path(out).is_file():
@@ -57,5 +63,24 @@ def run(args) -> int:
         print(f"  {g.label}: top-1 (last epoch) {m:.2f}" + (f" ± {s:.2f}" if s is not None else "")
               + f"  [n={g.stats['n']}]")
     for f in rep.files:
+        print(f"wrote {f}")
+    return 0
+
+
+def _run_cells(args) -> int:
+    from ..report.cells import parse_cells, write_cells
+
+    if args.group_by:
+        raise ConfigError("--cells groups each cell by its whole config; --group-by does not apply")
+    cells = parse_cells(args.runs)
+    out = args.out or cells[0][1]
+    if Path(out).is_file():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    baseline = "ce" if args.compare_to is None else (None if args.compare_to.lower() in ("", "none")
+                                                     else args.compare_to)
+    files, unfinished = write_cells(cells, out, baseline=baseline, allow_repeats=args.allow_repeated_seeds)
+    for d in unfinished:
+        print(f"  left out {d}: unfinished")
+    for f in files:
         print(f"wrote {f}")
     return 0
