@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from lsskd.sweep import expand, load_plan
-from lsskd.config import DEFAULTS, build_config
+from lsskd.config import build_config
 from lsskd.data.base import ArrayDataset, DataBundle
 from lsskd.engine.profile import count_macs, count_params
 from lsskd.engine import trainer

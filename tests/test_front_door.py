@@ -202,8 +202,6 @@ def test_provenance_without_git_is_null_not_a_crash(monkeypatch, tmp_path):
 
 
 def test_sweep_does_not_call_a_different_commit_a_config_change(tmp_path):
-    import yaml
-
     from lsskd.config import EXECUTION_KEYS, dump, is_execution_key
     from lsskd.sweep import config_drift, expand
 

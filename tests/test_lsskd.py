@@ -1,12 +1,10 @@
 """LSSKD / PS-KD / SAD-CE: golden loss values, store semantics, switches, deploy."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lsskd.methods.losses import kl_div, progressive_target, soft_cross_entropy
-from lsskd.methods.lsskd import LSSKD
+from lsskd.methods.losses import kl_div, progressive_target
 from lsskd.methods.transforms import Rotations, ViewFamily
 from lsskd.models import build_model
 from lsskd.registry import METHODS

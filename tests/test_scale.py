@@ -10,7 +10,7 @@ from lsskd.config import build_config
 from lsskd.errors import ConfigError
 from lsskd.data import DataBundle
 from lsskd.data.base import stratified_indices
-from lsskd.engine.trainer import Trainer, compile_modules
+from lsskd.engine.trainer import Trainer
 from lsskd.methods.lsskd import LSSKD
 from lsskd.methods.store import (SoftTargetStore, TopKStore, choose_store, store_bytes_per_sample,
                                  store_options)

@@ -1,7 +1,6 @@
 """``lsskd profile --checkpoint FILE``: size and CPU latency of the deployed model."""
 from __future__ import annotations
 
-import json
 
 
 def add_parser(sub):

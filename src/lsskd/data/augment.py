@@ -6,7 +6,7 @@ reproducible and checkpointable whatever the device) and works on a whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

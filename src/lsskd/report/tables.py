@@ -178,14 +178,14 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
 
     evals = sorted({r.eval_on for r in runs})
     split = evals[0] if len(evals) == 1 else "/".join(evals)
-    L = [f"# lsskd report", "",
+    L = ["# lsskd report", "",
          f"{len(runs)} finished run(s) in {len(groups)} group(s), from {', '.join(sources)} (lsskd {__version__}).", "",
          f"**Headline: {split} top-1 (%) at the last epoch**, mean ± sample standard deviation (n − 1) "
          "over seeds (no ± with a single seed). The *best epoch* column is the highest "
          f"{split} top-1 seen during training; it is chosen by looking at the {split} set, so it is "
          "optimistic and is **not the headline**.", ""]
     show_delta = baseline and any(g.stats.get("delta") is not None for g in groups)
-    head = ["Group", "Seeds", f"Top-1 last epoch (headline)"]
+    head = ["Group", "Seeds", "Top-1 last epoch (headline)"]
     show_paired = show_delta and any(g.stats.get("paired") for g in groups)
     if show_delta:
         head.append(f"Δ top-1 vs {baseline}")
@@ -211,9 +211,9 @@ def markdown(groups: Sequence[Group], runs: Sequence[Run], unfinished: Sequence[
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     if show_delta and any(g.stats.get("delta_se") is not None for g in groups):
-        L += [f"Δ ± its standard error, sqrt(s²/n + s₀²/n₀) over the two groups' seeds (shown when both "
-              f"have two or more). A Δ smaller than about two standard errors is within seed noise; "
-              f"with two or three seeds the standard error itself is rough.", ""]
+        L += ["Δ ± its standard error, sqrt(s²/n + s₀²/n₀) over the two groups' seeds (shown when both "
+              "have two or more). A Δ smaller than about two standard errors is within seed noise; "
+              "with two or three seeds the standard error itself is rough.", ""]
     if show_paired:
         L += ["Paired Δ: the mean of the per-seed differences to the baseline over the seeds both ran "
               "(their number in brackets) ± its standard error, sd/√n. Runs at one seed start from the "
