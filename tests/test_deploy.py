@@ -753,7 +753,7 @@ def test_executorch_errors(tmp_path):
     assert deploy.read_metadata(bad) is None
 
 
-def test_profile_shows_the_view_aggregated_deepest_branch(tmp_path, cifar_root, small_bundle):
+def test_profile_shows_the_view_aggregated_deepest_branch(tmp_path, cifar_root, small_bundle, ckpt, capsys):
     """Serving the deepest branch aggregated over the views (issue 27) costs M passes of the
     backbone's first stages and the branch; profile scores it beside the head, and its top-1
     on the test split is the run's own agg3_top1."""
@@ -773,3 +773,21 @@ def test_profile_shows_the_view_aggregated_deepest_branch(tmp_path, cifar_root, 
     agg = method.eval_forward(dep.normalize(test.x[idx]))[1]["agg3"]
     assert row["top1"] == pytest.approx(100.0 * float((agg.argmax(1) == test.y[idx]).float().mean()))
     assert row["latency_ms"] > 0
+
+    # ... and it ships: `lsskd export --head aggregated` writes the M-pass model (parity checked
+    # on real test images before the write), its metadata says what it is and what it costs, and
+    # the file's logits are the method's own view-aggregated deepest branch.
+    out = tmp_path / "agg.onnx"
+    assert main(["export", "--checkpoint", str(ck), "--format", "onnx", "--head", "aggregated",
+                 "--out", str(out), "--parity-images", "16"]) == 0
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["head"] == "deepest branch aggregated over 4 views" and meta["passes"] == 4
+    assert meta["params"] == row["params"] and meta["parity"]["max_abs_diff"] <= 1e-4
+    x = dep.normalize(test.x[idx[:8]])
+    got = deploy.load_runner(out)(x)
+    assert torch.allclose(torch.as_tensor(got), agg[:8], atol=1e-4)
+    # a run without branches has nothing to aggregate: refused, naming the method, nothing written
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--head", "aggregated",
+                 "--out", str(tmp_path / "ce.onnx")]) == 2
+    assert "method 'ce' has no auxiliary branches" in capsys.readouterr().err
+    assert not (tmp_path / "ce.onnx").exists()

@@ -486,3 +486,14 @@ def test_head_teacher_waits_behind_a_shut_gate():
     m.on_epoch_end({"top1": 100.0})
     _, losses = m(x, y, idx)
     assert "head" in losses
+
+
+def test_rotate90_is_torch_rot90_bit_for_bit():
+    """The rotation views are written with flip/transpose (ONNX has no rot90); same values,
+    square or not, every k including negative ones."""
+    from lsskd.methods.transforms import rotate90
+
+    for shape in ((2, 3, 5, 5), (1, 2, 4, 6)):
+        x = torch.randn(*shape)
+        for k in range(-4, 8):
+            assert torch.equal(rotate90(x, k), torch.rot90(x, k, dims=(-2, -1))), (shape, k)

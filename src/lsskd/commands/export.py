@@ -12,6 +12,10 @@ def add_parser(sub):
     p.add_argument("--format", required=True, choices=["torchscript", "onnx", "executorch"],
                    help="file format to write (executorch: a .pte for the ExecuTorch runtime, XNNPACK-lowered, "
                         "needs lsskd[edge]; torchscript is legacy)")
+    p.add_argument("--head", choices=["deployed", "aggregated"], default="deployed",
+                   help="'deployed' (default): the backbone and its final classifier, the branches dropped; "
+                        "'aggregated': the deepest branch averaged over all M views instead (M backbone "
+                        "passes per input, for the branch's accuracy; `lsskd profile` shows both)")
     p.add_argument("--out", help="output file (default: next to the checkpoint, .ts / .onnx / .pte); "
                                  "metadata goes to OUT.json")
     p.add_argument("--onnx-exporter", choices=["auto", "dynamo", "torchscript"], default=None,
@@ -44,7 +48,7 @@ def run(args) -> int:
     # One read of the checkpoint (verified once); the run's data is built at most once,
     # for the parity inputs and the int8 calibration together.
     run = deploy.read_run(args.checkpoint, args.overrides, weights_only=not args.unsafe_load)
-    dep = deploy.load_deployed(run)
+    dep = deploy.load_aggregated(run) if args.head == "aggregated" else deploy.load_deployed(run)
     out = Path(args.out) if args.out else deploy.default_export_path(args.checkpoint, args.format)
     if args.int8 and args.format not in ("onnx", "executorch"):
         raise CLIError("--int8 needs --format onnx or --format executorch")
@@ -69,6 +73,8 @@ def run(args) -> int:
     report = {"file": str(out), "metadata": str(deploy.metadata_path(out)), "format": args.format,
               "exporter": meta["exporter"], "bytes": meta["bytes"], "sha256": meta["sha256"],
               "params": meta["params"], "parity": meta.get("parity")}
+    if "head" in meta:
+        report.update(head=meta["head"], passes=meta["passes"])
     if args.int8:
         report["int8"] = _int8(args, run, dep, out)
     print(json.dumps(report, indent=2))

@@ -31,7 +31,7 @@ checkpoint into that model and serialises it. One concern per module:
 from .formats import (EXPORT_FORMAT, FORMATS, INPUT_NAME, META_KEY, ONNX_DYNAMO_OPSET, ONNX_EXPORTERS,  # noqa: F401
                       ONNX_OPSET, OUTPUT_NAME, PARITY_TOL, PREPROCESS, SUFFIXES, ExportError, metadata_path)
 from .load import (Deployed, TrainedRun, backbone_weights, core_metadata, extract_backbone, load_deployed,  # noqa: F401
-                   load_training_method, normalize, open_model, parity_inputs, read_run)
+                   load_aggregated, load_training_method, normalize, open_model, parity_inputs, read_run)
 from .runners import (ExecuTorchRunner, OnnxRunner, Runner, TorchRunner, accuracy, detect_format, load_runner,  # noqa: F401
                       max_abs_diff, read_metadata, runner_from_bytes, sha256_file)
 from .export import (default_export_path, export, onnx_bytes, serialize,  # noqa: F401
@@ -45,6 +45,6 @@ __all__ = [
     "Deployed", "ExportError", "FORMATS", "Runner", "TrainedRun", "accuracy", "backbone_weights",
     "class_descriptions", "collect_files", "core_metadata", "default_export_path", "export",
     "extract_backbone", "load_deployed", "load_inputs", "load_runner", "load_training_method", "max_abs_diff",
-    "measure_latency", "metadata_path", "normalize", "open_model", "parity_inputs", "predict", "profile",
+    "load_aggregated", "measure_latency", "metadata_path", "normalize", "open_model", "parity_inputs", "predict", "profile",
     "quantize_onnx", "quantize_executorch", "evaluate_exported", "ExecuTorchRunner", "read_input", "read_metadata", "read_run", "serialize", "sha256_file",
 ]

@@ -149,6 +149,8 @@ def export(dep: Deployed, fmt: str, out: str | Path, parity_x: torch.Tensor | No
     model = dep.model.eval()
     example = torch.zeros(2, *dep.input_shape)
     meta = core_metadata(dep)
+    # A served branch instead of the head (--head aggregated): what it is and its cost in passes.
+    meta.update({k: dep.source[k] for k in ("head", "passes") if k in dep.source})
     if fmt == "executorch":
         meta["batch"] = edge.PTE_BATCH
     info: Dict = {}

@@ -5,7 +5,7 @@ exported file). :func:`read_run` is the one reader of a training checkpoint: eva
 (``lsskd eval``), export, profile, predict and KD's teacher all go through it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -200,6 +200,23 @@ def load_training_method(checkpoint: str | Path | TrainedRun, overrides: List[st
     method = build_method(run.config, bundle)
     method.load_state_dict(run.state["method"])
     return method.eval(), run.config, bundle
+
+
+def load_aggregated(checkpoint: str | Path | TrainedRun, weights_only: bool = True) -> Deployed:
+    """The deepest auxiliary branch aggregated over all M views, as a model to ship instead of
+    the head (``lsskd export --head aggregated``): M passes of the backbone per input for the
+    branch's accuracy. Its ``source`` records ``head`` and ``passes``, written to the export's
+    metadata. Methods without branches are refused with the method named."""
+    run = read_run(checkpoint, None, weights_only)
+    dep = load_deployed(run, weights_only)
+    method, _, _ = load_training_method(run)
+    if not hasattr(method, "aggregated_branch") or not len(getattr(method, "aux", [])):
+        raise ConfigError(f"checkpoint {run.checkpoint}: method '{run.config['method']['name']}' has no "
+                          "auxiliary branches to aggregate; export the deployed head (--head deployed)")
+    agg = method.aggregated_branch().eval()
+    passes = int(method.num_views)
+    source = {**dep.source, "head": f"deepest branch aggregated over {passes} views", "passes": passes}
+    return replace(dep, model=agg, source=source)
 
 
 def parity_inputs(checkpoint: str | Path | TrainedRun, dep: Deployed, n: int, overrides: List[str] | None = None,

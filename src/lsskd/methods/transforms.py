@@ -36,7 +36,21 @@ class Rotations(ViewFamily):
     modality = "image"
 
     def __call__(self, x):
-        return torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+        return torch.cat([rotate90(x, k) for k in range(4)])
+
+
+def rotate90(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.rot90(x, k, dims=(-2, -1))`` (counter-clockwise) written with flip and transpose,
+    bit-identical, because ONNX has no rot90 operator: a model that rotates its input (the
+    view-aggregated branch of ``lsskd export --head aggregated``) then exports."""
+    k %= 4
+    if k == 1:
+        return x.flip(-1).transpose(-2, -1)
+    if k == 2:
+        return x.flip(-2).flip(-1)
+    if k == 3:
+        return x.transpose(-2, -1).flip(-1)
+    return x
 
 
 @TRANSFORMS.register("identity")
