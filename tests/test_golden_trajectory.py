@@ -151,3 +151,40 @@ def test_golden_trajectory(case, cell, runs):
         for r, g in zip(rows, ref):
             for k, v in g.items():
                 assert r[k] == (pytest.approx(v, rel=1e-3, abs=1e-6) if isinstance(v, float) else v), k
+
+
+def test_eval_aggregate_changes_what_is_logged_not_what_is_trained(cell, runs, tmp_path):
+    """``method.eval_aggregate`` only adds evaluation passes: the same run with it off logs the
+    same rows without the ceiling keys and ends with the same weights, bit for bit. That is
+    why it is an execution key (seeds run with ``every`` and ``last`` group together)."""
+    from lsskd.config import is_execution_key
+
+    every = _run("lsskd", cell, runs) if "lsskd" not in runs else \
+        [json.loads(ln) for ln in (runs["lsskd"] / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "off"
+    cfg = build_config(None, [
+        f"out_dir={out}", "model.name=resnet8", "method.name=lsskd", "method.eval_aggregate=off", "seed=0",
+        "train.epochs=2", "train.batch_size=16", "train.eval_batch_size=50", "train.device=cpu",
+        "train.threads=1", "train.progress=false", "train.tensorboard=false", "optim.lr=0.05",
+        "optim.schedule=cosine",
+    ])
+    Trainer(cfg, bundle=cell).fit()
+    off = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    ceiling = lambda k: k.startswith("test_agg") or k == "test_ensemble_top1"
+    assert any(ceiling(k) for k in every[0]) and not any(ceiling(k) for k in off[0])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING and not ceiling(k)} for r in rows]
+    assert strip(off) == strip(every)
+    a = torch.load(runs["lsskd"] / "last.pt", weights_only=False)["method"]
+    b = torch.load(out / "last.pt", weights_only=False)["method"]
+
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    assert same(a, b)
+    assert is_execution_key("method.eval_aggregate")

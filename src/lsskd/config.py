@@ -100,6 +100,9 @@ FREE_KEYS = {"model.kwargs", "data.classes"}  # data.classes: int N or a list of
 EXECUTION_KEYS = frozenset({
     "out_dir", "train.progress", "train.tensorboard", "train.threads", "train.ckpt_every_steps",
     "train.eval_batch_size", "train.device", "train.compile", "train.channels_last", "data.cache_dir",
+    # What evaluation logs beside the head (the view-aggregated ceiling), not what is trained:
+    # tests/test_golden_trajectory.py checks the weights are bit-identical with it off.
+    "method.eval_aggregate",
 })
 # A run's config.yaml also records the code that made it (git commit, torch version) under
 # this key; it is not a setting, so loading a config file ignores it.
@@ -267,6 +270,10 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
+            # YAML reads a bare off/on (also no/yes) as a boolean: for a string key that is the
+            # word the user typed (method.eval_aggregate=off); the key's choices check the rest.
+            if isinstance(value, bool):
+                return "on" if value else "off"
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")

@@ -85,7 +85,7 @@ class LSSKD(Method):
         "head_teacher_source": "step",  # the teacher from this step's views, or every view's stored rows
         "head_tau": 1.0,  # temperature of the head-teaching KL (SLA: 1)
         "head_weight": 1.0,  # weight of the head-teaching KL
-        "eval_aggregate": "every",  # epochs with view-aggregated branch and ensemble scores (M passes)
+        "eval_aggregate": "every",  # epochs with view-aggregated branch and ensemble scores (M passes; evaluation only, execution key)
     }
 
     ranges = {
