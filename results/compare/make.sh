@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# How results/compare was made (2026-12-07). The runs: a `git worktree` at 975e43f, two runs at a
+# time (one thread each) through a queue of `lsskd sweep --only ...` commands:
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_a.yaml --only '*/seed0'   # seeds 0, 1
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_a.yaml --only 'ce/seed2' 'ce_cutmix/seed2'
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_a.yaml \
+#       --only 'lsskd_selfsup/seed2' 'lsskd_selfsup_cutmix/seed2' method.eval_aggregate=last
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_hapt.yaml --only '*/seed0'  # 1, 2
+# (the profile+CutMix runs of seeds 0 and 1 also with method.eval_aggregate=last: an execution
+# key, the ceiling at the last epoch only; the worktree's plans wrote into results/head/cutmix-test-a
+# and results/baselines/test-hapt, today's plans say results/compare/test-a and test-hapt.)
+# Then, from the project root:
+set -euo pipefail
+wt=${1:-/work/exp-cmp}
+scripts/collect_runs.sh "$wt/results/head/cutmix-test-a" results/compare/test-a
+scripts/collect_runs.sh "$wt/results/baselines/test-hapt" results/compare/test-hapt
+python -m lsskd report results/compare/test-a --out results/compare/test-a
+python -m lsskd report results/compare/test-hapt --out results/compare/test-hapt
+python -m lsskd report --cells A=results/compare/test-a sensor=results/compare/test-hapt --out results/compare
+python -m lsskd report --cells A=results/compare/test-a --compare-to ce_cutmix --out results/compare/vs-ce-cutmix
+python -m lsskd report --cells A=results/compare/test-a sensor=results/compare/test-hapt --compare-to lsskd_selfsup \
+    --out results/compare/vs-profile
