@@ -329,8 +329,13 @@ def test_first_comparison_doc_runs_end_to_end(cifar_root, tmp_path, capsys, monk
     import shutil
     from pathlib import Path
 
-    tune_cmd, final_cmd = _doc_commands()
+    cmds = _doc_commands()
+    tune_cmd, final_cmd = cmds[0], cmds[-1]
     assert tune_cmd[:2] == ["lsskd", "tune"] and "method.name=[ce,lsskd_selfsup]" in tune_cmd
+    # the CutMix variant between them: the same tune with a second grid (a product), not run here
+    (cutmix_cmd,) = cmds[1:-1]
+    assert cutmix_cmd[:2] == ["lsskd", "tune"] and "data.augment.cutmix_prob=[0.0,0.5]" in cutmix_cmd
+    assert [a for a in cutmix_cmd if a != "--grid" and "cutmix" not in a] == [a for a in tune_cmd if a != "--grid"]
     assert final_cmd[:2] == ["lsskd", "train"]
     # a small folder of real images, laid out as the doc says
     images = tmp_path / "MY_IMAGES"
