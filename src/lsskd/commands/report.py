@@ -42,11 +42,9 @@ def run(args) -> int:
     if args.cells:
         return _run_cells(args)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] or None
-    out = args.out or args.runs[0]
-    if Path(out).is_file():
-        raise ConfigError(f"--out {out} is a file; give a folder")
+    out = _out_folder(args.out or args.runs[0])
     named = args.compare_to is not None
-    baseline = "ce" if not named else (None if args.compare_to.lower() in ("", "none") else args.compare_to)
+    baseline = _baseline(args.compare_to)
     rep = build_report(args.runs, out, group_by=group_by, baseline=baseline, plots=not args.no_plots,
                        allow_repeats=args.allow_repeated_seeds, require_baseline=named)
     if rep.repeats:
@@ -73,14 +71,24 @@ def _run_cells(args) -> int:
     if args.group_by:
         raise ConfigError("--cells groups each cell by its whole config; --group-by does not apply")
     cells = parse_cells(args.runs)
-    out = args.out or cells[0][1]
-    if Path(out).is_file():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    baseline = "ce" if args.compare_to is None else (None if args.compare_to.lower() in ("", "none")
-                                                     else args.compare_to)
-    files, unfinished = write_cells(cells, out, baseline=baseline, allow_repeats=args.allow_repeated_seeds)
+    out = _out_folder(args.out or cells[0][1])
+    files, unfinished = write_cells(cells, out, baseline=_baseline(args.compare_to),
+                                    allow_repeats=args.allow_repeated_seeds)
     for d in unfinished:
         print(f"  left out {d}: unfinished")
     for f in files:
         print(f"wrote {f}")
     return 0
+
+
+def _out_folder(out):
+    if Path(out).is_file():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    return out
+
+
+def _baseline(compare_to):
+    """--compare-to: default ce; 'none' (or empty) for no baseline."""
+    if compare_to is None:
+        return "ce"
+    return None if compare_to.lower() in ("", "none") else compare_to

@@ -13,13 +13,12 @@ cells side by side, one row per group label, and adds two cost columns:
 from __future__ import annotations
 
 import csv
-import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, DataError
-from .runs import Group, find_runs, group_runs, method_name, repeated_seeds, describe_repeats
-from .tables import add_deltas, compute_stats
+from .runs import Group, describe_repeats, find_runs, group_runs, repeated_seeds
+from .tables import add_deltas, baseline_groups, compute_stats, mean_std
 
 CELL_COLUMNS = ["group", "cell", "label", "n_seeds", "top1_last_mean", "top1_last_std", "paired_delta", "paired_se",
                 "paired_n", "baseline", "flops_vs_baseline", "time_vs_baseline", "run_dirs"]
@@ -43,7 +42,7 @@ def parse_cells(specs: Sequence[str]) -> List[Tuple[str, Path]]:
 def _base_group(groups: Sequence[Group], baseline: Optional[str]) -> Optional[Group]:
     if not baseline:
         return None
-    exact = [g for g in groups if g.label == baseline] or [g for g in groups if method_name(g) == baseline]
+    exact = baseline_groups(groups, baseline)
     return exact[0] if len(exact) == 1 else None
 
 
@@ -107,10 +106,6 @@ def cell_rows(cells: Sequence[Tuple[str, Path]], baseline: Optional[str],
     return labels, table, unfinished_all
 
 
-def _mean(vals) -> Optional[float]:
-    vals = [v for v in vals if v is not None]
-    return statistics.fmean(vals) if vals else None
-
 
 def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Optional[str] = "ce",
                 allow_repeats: bool = False) -> Tuple[List[Path], List[Path]]:
@@ -160,8 +155,8 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
                 pd, se, n = e["paired"]
                 txt += f"<br>{pd:+.2f} ± {se:.2f} ({n})"
             cells_txt.append(txt)
-        flops = _mean(e["flops"] for e in table[label].values())
-        time = _mean(e["time"] for e in table[label].values())
+        flops = mean_std([e["flops"] for e in table[label].values()])[0]
+        time = mean_std([e["time"] for e in table[label].values()])[0]
         L.append(f"| {label} | " + " | ".join(cells_txt)
                  + f" | {'–' if flops is None else f'{flops:.2f}'} | {'–' if time is None else f'{time:.2f}'} |")
     L.append("")

@@ -65,6 +65,11 @@ def _baseline_key(g: Group, strict: bool, by_fields: bool) -> str:
     return freeze({k: ident.get(k) for k in loose})
 
 
+def baseline_groups(groups: Sequence[Group], baseline: str) -> List[Group]:
+    """The groups ``baseline`` names: the one labelled exactly so, else every group of that method."""
+    return [g for g in groups if g.label == baseline] or [g for g in groups if method_name(g) == baseline]
+
+
 def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool = False) -> None:
     """``delta`` = group's mean last-epoch top-1 minus that of the ``baseline`` group (the
     group labelled exactly ``baseline``, else the ``baseline`` method's groups) with the same
@@ -80,7 +85,7 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
         return
     # A group labelled exactly ``baseline`` (e.g. "lsskd" beside "lsskd (gamma=0)") is the
     # baseline itself, so that variants of one method compare with its plain config.
-    base = [g for g in groups if g.label == baseline] or [g for g in groups if method_name(g) == baseline]
+    base = baseline_groups(groups, baseline)
     for g in groups:
         if any(g is b for b in base):  # the group itself, not an equal-looking one
             continue
