@@ -5,7 +5,7 @@ exported file). :func:`read_run` is the one reader of a training checkpoint: eva
 (``lsskd eval``), export, profile, predict and KD's teacher all go through it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -131,16 +131,27 @@ def load_deployed(checkpoint: str | Path | TrainedRun, weights_only: bool = True
     """The deployed model of a ``last.pt``/``best.pt`` written by ``lsskd train`` (or of a
     run already read by :func:`read_run`)."""
     run = read_run(checkpoint, None, weights_only)
-    st = run.state
+    classes = _deployment_entries(run)
+    model = extract_backbone(run.config, run.state["method"], len(classes), f"checkpoint {run.checkpoint}")
+    return _deployed(run, model)
+
+
+def _deployment_entries(run: TrainedRun) -> List[str]:
+    """The class names, after checking that the checkpoint has what an export needs."""
     for key in ("classes", "mean", "std", "input_shape", "method"):
-        if key not in st:
+        if key not in run.state:
             raise CheckpointError(f"checkpoint {run.checkpoint} has no '{key}' entry (not written by lsskd train?)")
+    return list(run.state["classes"])
+
+
+def _deployed(run: TrainedRun, model: nn.Module, **source) -> Deployed:
+    """``model`` with the run's preprocessing, classes and provenance (``source`` adds entries)."""
+    st = run.state
     classes = list(st["classes"])
-    model = extract_backbone(run.config, st["method"], len(classes), f"checkpoint {run.checkpoint}")
     return Deployed(model, classes, [float(v) for v in st["mean"]], [float(v) for v in st["std"]],
                     [int(v) for v in st["input_shape"]], st.get("modality", "image"), run.config,
                     {"checkpoint": str(run.checkpoint), "epoch": st.get("epoch"),
-                     "checkpoint_version": st.get("version")},
+                     "checkpoint_version": st.get("version"), **source},
                     class_words(run.config.get("data", {}), classes))
 
 
@@ -208,15 +219,14 @@ def load_aggregated(checkpoint: str | Path | TrainedRun, weights_only: bool = Tr
     branch's accuracy. Its ``source`` records ``head`` and ``passes``, written to the export's
     metadata. Methods without branches are refused with the method named."""
     run = read_run(checkpoint, None, weights_only)
-    dep = load_deployed(run, weights_only)
+    _deployment_entries(run)
     method, _, _ = load_training_method(run)
     if not hasattr(method, "aggregated_branch") or not len(getattr(method, "aux", [])):
         raise ConfigError(f"checkpoint {run.checkpoint}: method '{run.config['method']['name']}' has no "
                           "auxiliary branches to aggregate; export the deployed head (--head deployed)")
     agg = method.aggregated_branch().eval()
     passes = int(method.num_views)
-    source = {**dep.source, "head": f"deepest branch aggregated over {passes} views", "passes": passes}
-    return replace(dep, model=agg, source=source)
+    return _deployed(run, agg, head=f"deepest branch aggregated over {passes} views", passes=passes)
 
 
 def parity_inputs(checkpoint: str | Path | TrainedRun, dep: Deployed, n: int, overrides: List[str] | None = None,
