@@ -544,8 +544,8 @@ def test_report_shows_the_ceiling_the_head_chases(tmp_path):
 def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, capsys):
     """`lsskd report --cells`: one row per sweep name, one column per cell; the paired Δ is computed
     inside each cell, FLOPs from macs_train, time from train_seconds (both over the cell's CE)."""
-    def run(cell, name, method, seed, top1, macs, secs):
-        d = make_run(tmp_path / cell, name, method, seed, top1, 90.0, top1, 3)
+    def run(cell, name, method, seed, top1, macs, secs, epochs=3):
+        d = make_run(tmp_path / cell, name, method, seed, top1, 90.0, top1, 3, epochs=epochs)
         s = json.loads((d / "summary.json").read_text())
         s.update(macs_train=macs, train_seconds=secs)
         (d / "summary.json").write_text(json.dumps(s))
@@ -553,6 +553,7 @@ def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, cap
     for s, (c, l) in enumerate([(60.0, 63.0), (62.0, 66.0), (61.0, 63.0)]):   # A: diffs 3, 4, 2
         run("A", "ce", "ce", s, c, 100, 10.0)
         run("A", "lsskd_selfsup", "lsskd", s, l, 450, 40.0)
+        run("A", "ce_2x", "ce", s, c + 1.0 + s, 100, 20.0, epochs=6)   # budget control: diffs 1, 2, 3
     for s, (c, l) in enumerate([(50.0, 49.0), (52.0, 52.0)]):                 # B: diffs -1, 0
         run("B", "ce", "ce", s, c, 100, 20.0)
         run("B", "lsskd_selfsup", "lsskd", s, l, 450, 100.0)
@@ -566,6 +567,10 @@ def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, cap
     assert float(a["flops_vs_baseline"]) == 4.5 and float(a["time_vs_baseline"]) == 4.0
     assert float(b["time_vs_baseline"]) == 5.0 and rows[("sla", "B")]["paired_delta"] == ""
     assert ("sla", "cellA") not in rows
+    # another budget pairs with the cell's only CE, its FLOPs counted over the whole run
+    c2 = rows[("ce_2x", "cellA")]
+    assert float(c2["paired_delta"]) == 2.0 and float(c2["paired_se"]) == pytest.approx(1 / math.sqrt(3), abs=1e-4)
+    assert float(c2["flops_vs_baseline"]) == 2.0 and float(c2["time_vs_baseline"]) == 2.0
     md = (tmp_path / "out" / "cells.md").read_text()
     # the row's cost averages its cells: time (4 + 5) / 2
     assert "| lsskd_selfsup | 64.00 ± 1.73 (n=3)<br>+3.00 ± 0.58 (3) | 50.50 ± 2.12 (n=2)<br>-0.50 ± 0.50 (2) | 4.50 | 4.50 |" in md

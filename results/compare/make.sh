@@ -6,6 +6,9 @@
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_a.yaml \
 #       --only 'lsskd_selfsup/seed2' 'lsskd_selfsup_cutmix/seed2' method.eval_aggregate=last
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_hapt.yaml --only '*/seed0'  # 1, 2
+# and on 2026-12-07 from 12:15 UTC, same worktree and commit (ce_2x.yaml and its line in the plan
+# copied into it; a config file, no code):
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_hapt.yaml --only 'ce_2x/seed0'  # 1, 2
 # (the profile+CutMix runs of seeds 0 and 1 also with method.eval_aggregate=last: an execution
 # key, the ceiling at the last epoch only; the worktree's plans wrote into results/head/cutmix-test-a
 # and results/baselines/test-hapt, today's plans say results/compare/test-a and test-hapt.)
@@ -20,3 +23,4 @@ python -m lsskd report --cells A=results/compare/test-a sensor=results/compare/t
 python -m lsskd report --cells A=results/compare/test-a --compare-to ce_cutmix --out results/compare/vs-ce-cutmix
 python -m lsskd report --cells A=results/compare/test-a sensor=results/compare/test-hapt --compare-to lsskd_selfsup \
     --out results/compare/vs-profile
+python -m lsskd report --cells sensor=results/compare/test-hapt --compare-to ce_2x --out results/compare/vs-ce-2x

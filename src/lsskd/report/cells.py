@@ -5,8 +5,13 @@ the same seeds, by the same code on the same machine). Each cell is grouped and 
 own baseline exactly as ``report.md`` does (:func:`.tables.add_deltas`); this module only lays the
 cells side by side, one row per group label, and adds two cost columns:
 
-- FLOPs / baseline: training MACs per sample (``summary.json``'s ``macs_train``, analytic, all
-  views and extra passes included) over the baseline's. Exact, and the same on every machine.
+- FLOPs / baseline: training MACs per sample over the whole run (``summary.json``'s ``macs_train``,
+  analytic, all views and extra passes included, times its ``epochs``) over the baseline's. Exact,
+  and the same on every machine; a CE run at twice the epochs costs 2.00.
+
+Inside a cell every group pairs with the cell's baseline: by :func:`.tables.add_deltas`' rule
+(same config apart from the method) where one matches, else with the cell's only baseline group,
+so that a budget control (CE at twice the epochs, its own sweep name) pairs with CE too.
 - time / baseline: the group's mean ``train_seconds`` over the baseline's in the same cell,
   averaged over cells. Measured, so as noisy as the machine was while the runs shared it.
 """
@@ -18,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, DataError
 from .runs import Group, describe_repeats, find_runs, group_runs, repeated_seeds
-from .tables import add_deltas, baseline_groups, compute_stats, mean_std
+from .tables import add_deltas, baseline_groups, compute_stats, mean_std, paired_difference
 
 CELL_COLUMNS = ["group", "cell", "label", "n_seeds", "top1_last_mean", "top1_last_std", "paired_delta", "paired_se",
                 "paired_n", "baseline", "flops_vs_baseline", "time_vs_baseline", "run_dirs"]
@@ -54,7 +59,8 @@ def row_key(g: Group) -> str:
 
 
 def _macs_train(g: Group) -> Optional[float]:
-    vals = [r.summary.get("macs_train") for r in g.runs]
+    """Training MACs per sample over the whole run (per-sample MACs x epochs), if all runs agree."""
+    vals = [r.summary.get("macs_train", 0) * r.summary.get("epochs", 0) for r in g.runs]
     return float(vals[0]) if vals and vals[0] and len(set(vals)) == 1 else None
 
 
@@ -81,6 +87,12 @@ def cell_rows(cells: Sequence[Tuple[str, Path]], baseline: Optional[str],
         cell_base = by_key[0].label if len(by_key) == 1 else baseline
         add_deltas(groups, cell_base)
         base = _base_group(groups, cell_base)
+        if base is not None:
+            for g in groups:
+                if g is not base and g.stats.get("delta") is None:
+                    g.stats["delta"] = g.stats["top1"][0] - base.stats["top1"][0]
+                    g.stats["delta_vs"] = base.label
+                    g.stats["paired"] = paired_difference(g, base)
         base_macs = _macs_train(base) if base else None
         base_time = base.stats["train_seconds"][0] if base else None
         for g in groups:
@@ -135,7 +147,7 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
          f"Cells: {', '.join(f'{n} (`{p}`)' for n, p in cells)}.", "",
          "Each entry: last-epoch top-1 (%), mean ± sample std over seeds, and below it the paired Δ "
          f"vs {base_txt} in the same cell (mean of the per-seed differences ± its standard error, "
-         "seeds in brackets). FLOPs: training MACs per sample over the baseline's (exact). Time: "
+         "seeds in brackets). FLOPs: training MACs per sample over the whole run (x epochs) over the baseline's (exact). Time: "
          "training seconds over the baseline's in the same cell, averaged over cells (measured; as "
          "noisy as the machine). Every method deploys the same network unless its row says otherwise.", ""]
     L.append("| Group | " + " | ".join(names) + " | FLOPs / base | Time / base |")
