@@ -12,15 +12,27 @@
 # (the profile+CutMix runs of seeds 0 and 1 also with method.eval_aggregate=last: an execution
 # key, the ceiling at the last epoch only; the worktree's plans wrote into results/head/cutmix-test-a
 # and results/baselines/test-hapt, today's plans say results/compare/test-a and test-hapt.)
+# and for cells B and C (2026-12-07 from 12:05 UTC, same worktree and commit, the same queue of
+# one-run commands, two at a time; the profile's runs with the ceiling at the last epoch only):
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_b.yaml --only 'ce/seed0'  # ce_cutmix, 0-2
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_b.yaml --only 'lsskd_selfsup/seed0' \
+#       method.eval_aggregate=last                                  # seeds 0-2; the same for cell C
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/cutmix_test_a.yaml --only 'lsskd_selfsup_cutmix/seed2' \
+#       method.eval_aggregate=last
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_a.yaml --only 'ddgsd/seed0'  # as far as it got
 # Then, from the project root:
 set -euo pipefail
 wt=${1:-/work/exp-cmp}
 scripts/collect_runs.sh "$wt/results/head/cutmix-test-a" results/compare/test-a
 scripts/collect_runs.sh "$wt/results/baselines/test-hapt" results/compare/test-hapt
+scripts/collect_runs.sh "$wt/results/head/cutmix-test-b" results/compare/test-b
+scripts/collect_runs.sh "$wt/results/head/cutmix-test-c" results/compare/test-c
 python -m lsskd report results/compare/test-a --out results/compare/test-a
 python -m lsskd report results/compare/test-hapt --out results/compare/test-hapt
-python -m lsskd report --cells A=results/compare/test-a sensor=results/compare/test-hapt --out results/compare
-python -m lsskd report --cells A=results/compare/test-a --compare-to ce_cutmix --out results/compare/vs-ce-cutmix
-python -m lsskd report --cells A=results/compare/test-a sensor=results/compare/test-hapt --compare-to lsskd_selfsup \
+python -m lsskd report results/compare/test-b --out results/compare/test-b
+python -m lsskd report results/compare/test-c --out results/compare/test-c
+python -m lsskd report --cells A=results/compare/test-a B=results/compare/test-b C=results/compare/test-c sensor=results/compare/test-hapt --out results/compare
+python -m lsskd report --cells A=results/compare/test-a B=results/compare/test-b C=results/compare/test-c --compare-to ce_cutmix --out results/compare/vs-ce-cutmix
+python -m lsskd report --cells A=results/compare/test-a B=results/compare/test-b C=results/compare/test-c sensor=results/compare/test-hapt --compare-to lsskd_selfsup \
     --out results/compare/vs-profile
 python -m lsskd report --cells sensor=results/compare/test-hapt --compare-to ce_2x --out results/compare/vs-ce-2x
