@@ -9,11 +9,12 @@ cells side by side, one row per group label, and adds two cost columns:
   analytic, all views and extra passes included, times its ``epochs``) over the baseline's. Exact,
   and the same on every machine; a CE run at twice the epochs costs 2.00.
 
+- time / baseline: the group's mean ``train_seconds`` over the baseline's in the same cell,
+  averaged over cells. Measured, so as noisy as the machine was while the runs shared it.
+
 Inside a cell every group pairs with the cell's baseline: by :func:`.tables.add_deltas`' rule
 (same config apart from the method) where one matches, else with the cell's only baseline group,
 so that a budget control (CE at twice the epochs, its own sweep name) pairs with CE too.
-- time / baseline: the group's mean ``train_seconds`` over the baseline's in the same cell,
-  averaged over cells. Measured, so as noisy as the machine was while the runs shared it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, DataError
 from .runs import Group, describe_repeats, find_runs, group_runs, repeated_seeds
-from .tables import add_deltas, baseline_groups, compute_stats, mean_std, paired_difference
+from .tables import add_deltas, baseline_groups, compute_stats, mean_std, pair_with
 
 CELL_COLUMNS = ["group", "cell", "label", "n_seeds", "top1_last_mean", "top1_last_std", "paired_delta", "paired_se",
                 "paired_n", "baseline", "flops_vs_baseline", "time_vs_baseline", "run_dirs"]
@@ -90,9 +91,7 @@ def cell_rows(cells: Sequence[Tuple[str, Path]], baseline: Optional[str],
         if base is not None:
             for g in groups:
                 if g is not base and g.stats.get("delta") is None:
-                    g.stats["delta"] = g.stats["top1"][0] - base.stats["top1"][0]
-                    g.stats["delta_vs"] = base.label
-                    g.stats["paired"] = paired_difference(g, base)
+                    pair_with(g, base)
         base_macs = _macs_train(base) if base else None
         base_time = base.stats["train_seconds"][0] if base else None
         for g in groups:

@@ -92,16 +92,20 @@ def add_deltas(groups: Sequence[Group], baseline: Optional[str], by_fields: bool
         for strict in (True, False):
             cands = [b for b in base if _baseline_key(b, strict, by_fields) == _baseline_key(g, strict, by_fields)]
             if len(cands) == 1:
-                b = cands[0]
-                g.stats["delta"] = g.stats["top1"][0] - b.stats["top1"][0]
-                g.stats["delta_vs"] = b.label
-                g.stats["paired"] = paired_difference(g, b)
-                if g.stats["top1"][1] is not None and b.stats["top1"][1] is not None:
-                    g.stats["delta_se"] = math.sqrt(g.stats["top1"][1] ** 2 / g.stats["n"]
-                                                    + b.stats["top1"][1] ** 2 / b.stats["n"])
+                pair_with(g, cands[0])
                 break
             if len(cands) > 1 or by_fields:
                 break
+
+
+def pair_with(g: Group, b: Group) -> None:
+    """Set ``g``'s ``delta``, ``delta_vs``, ``paired`` and ``delta_se`` against baseline group ``b``."""
+    g.stats["delta"] = g.stats["top1"][0] - b.stats["top1"][0]
+    g.stats["delta_vs"] = b.label
+    g.stats["paired"] = paired_difference(g, b)
+    if g.stats["top1"][1] is not None and b.stats["top1"][1] is not None:
+        g.stats["delta_se"] = math.sqrt(g.stats["top1"][1] ** 2 / g.stats["n"]
+                                        + b.stats["top1"][1] ** 2 / b.stats["n"])
 
 
 def paired_difference(g: Group, base: Group) -> Optional[Tuple[float, float, int]]:
