@@ -36,3 +36,4 @@ python -m lsskd report --cells A=results/compare/test-a B=results/compare/test-b
 python -m lsskd report --cells A=results/compare/test-a B=results/compare/test-b C=results/compare/test-c sensor=results/compare/test-hapt --compare-to lsskd_selfsup \
     --out results/compare/vs-profile
 python -m lsskd report --cells sensor=results/compare/test-hapt --compare-to ce_2x --out results/compare/vs-ce-2x
+python scripts/splice_table.py results/compare/cells.md results/compare/README.md
