@@ -200,9 +200,15 @@ def test_fig5_plans_sweep_the_paper_fractions(plans):
     assert datasets == {"cifar100", "tiny_imagenet"}
 
 
+def teacher_file(student: Path) -> str:
+    """Paper cells read the teacher's best epoch, the published protocol; every cell this project
+    scores on test data reads its last epoch, since best.pt is chosen on the test split."""
+    return "best.pt" if PAPER in student.parents or CPU_PAPER in student.parents else "last.pt"
+
+
 def teacher_config(student: Path, ckpt: str) -> Path:
     parts = Path(ckpt).parts
-    assert parts[-1] == "best.pt" and parts[-2] == "seed0", ckpt
+    assert parts[-1] == teacher_file(student) and parts[-2] == "seed0", ckpt
     t = student.parent / f"{parts[-3]}.yaml"
     if not t.is_file():  # a teacher config in another folder (HSAKD's students read configs/paper/hsakd)
         tree = CPU_PAPER if CPU_PAPER in student.parents else PAPER  # a full-scale student, a full-scale teacher
@@ -215,7 +221,7 @@ def teacher_config(student: Path, ckpt: str) -> Path:
 
 def test_kd_teachers_are_the_sweep_layout_of_an_earlier_plan(plans):
     """A KD or HSAKD student's teacher_checkpoint (its config's, or its plan's override) is
-    <out_root>/<teacher stem>/seed0/best.pt of a plan with the same out_root that trains the
+    <out_root>/<teacher stem>/seed0/{best,last}.pt (``teacher_file``) of a plan with the same out_root that trains the
     teacher (seed 0) and is not the student's own plan; KD's teachers train with CE, HSAKD's
     with SAD-CE (their branches are part of what the student learns from)."""
     planned: Dict[Path, list] = {}
@@ -238,7 +244,7 @@ def test_kd_teachers_are_the_sweep_layout_of_an_earlier_plan(plans):
             t_plans = [p for p in planned.get(t.resolve(), []) if plans[p][0]["out_root"] == splan["out_root"]]
             assert len(t_plans) == 1 and t_plans[0] != sp, f"{rel(student)} in {sp.name}: teacher plans {t_plans}"
             assert 0 in plans[t_plans[0]][0].get("seeds", [0])
-            assert ckpt == f"{splan['out_root']}/{t.stem}/seed0/best.pt"
+            assert ckpt == f"{splan['out_root']}/{t.stem}/seed0/{teacher_file(student)}"
             want = "ce" if cfg["method"]["name"] == "kd" else "sad_ce"
             assert load(t)["method"]["name"] == want, rel(student)
 
