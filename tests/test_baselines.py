@@ -292,6 +292,39 @@ def test_kd_teacher_loading_and_golden_loss(teacher_ckpt, tiny_bundle):
                               classes=bad)
 
 
+def test_kd_refuses_a_teacher_whose_run_did_not_finish(teacher_ckpt, tmp_path):
+    """A half-trained teacher is refused, naming the file, the epoch and the fix: a last.pt
+    written before the run's last epoch, a mid-epoch snapshot, the best-so-far of a stopped run,
+    and any checkpoint in a run directory that a live process still trains."""
+    from lsskd.engine.checkpoint import load_checkpoint, save_checkpoint
+    from lsskd.engine.runlock import RunLock
+
+    def teacher(path):
+        return KnowledgeDistillation(build_model("resnet8", 100), {"teacher_checkpoint": str(path)})
+
+    st = load_checkpoint(teacher_ckpt)
+    assert st["epoch"] == st["config"]["train"]["epochs"] == 1 and st["step"] == 0
+    run = tmp_path / "stopped"
+    stopped = dict(st, config={**st["config"], "train": {**st["config"]["train"], "epochs": 3}})
+    save_checkpoint(stopped, run / "last.pt")  # the same run, interrupted after epoch 1 of 3
+    with pytest.raises(ConfigError, match=r"teacher .*stopped/last.pt was saved after epoch 1 of 3: "
+                                          r"its run did not finish; resume it \(lsskd train --resume"):
+        teacher(run / "last.pt")
+    save_checkpoint(dict(stopped, best={"epoch": 1, "top1": 5.0}), run / "best.pt")
+    with pytest.raises(ConfigError, match=r"best.pt is the best epoch so far of a run that did not finish "
+                                          r"\(.*last.pt stopped at epoch 1 of 3\)"):
+        teacher(run / "best.pt")
+    save_checkpoint(dict(st, step=2), tmp_path / "mid" / "last.pt")
+    with pytest.raises(ConfigError, match="saved during epoch 2 of 1"):
+        teacher(tmp_path / "mid" / "last.pt")
+    with RunLock.acquire(teacher_ckpt.parent):
+        with pytest.raises(ConfigError, match=r"is still being trained \(pid \d+"):
+            teacher(teacher_ckpt)
+    teacher(teacher_ckpt)  # finished and no longer held: accepted
+    save_checkpoint(dict(stopped, epoch=3), run / "last.pt")  # the run, resumed to its end
+    teacher(run / "best.pt")
+
+
 @pytest.mark.parametrize("method,extra,cutmix", [
     ("ls", [], 1.0),
     ("tfkd", ["method.T=10"], 1.0),

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deploy.load import extract_backbone, read_run
+from ..engine import runlock
+from ..engine.checkpoint import load_checkpoint
 from ..engine.profile import count_macs
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .base import Method, register_method
 from .losses import kl_div_probs, mix_targets, soft_cross_entropy
 
@@ -29,6 +31,7 @@ def teacher_state(path: str | Path, num_classes: int, input_shape: Sequence[int]
     if not path.is_file():
         raise ConfigError(f"{key}: teacher checkpoint not found: {path}")
     run = read_run(path)  # weights_only load
+    require_finished(path, run.state, run.config, key)
     st = run.state
     t_classes = list(st.get("classes", []))
     if len(t_classes) != num_classes:
@@ -42,6 +45,37 @@ def teacher_state(path: str | Path, num_classes: int, input_shape: Sequence[int]
         raise ConfigError(f"{key}: teacher {path} was trained on inputs {tuple(st['input_shape'])}, "
                           f"the student's are {tuple(input_shape)}")
     return run.config, st
+
+
+def require_finished(path: Path, st: dict, cfg: dict, key: str) -> None:
+    """Refuse a teacher that is not a finished run's: a run directory another process is still
+    training, a mid-epoch snapshot, or a ``last.pt`` written before the run's last epoch (an
+    interrupted run). A best-epoch snapshot (``best.pt``) of a finished run may come from any
+    epoch. Without these checks a half-trained teacher would be distilled without a word."""
+    held = runlock.holder(path.parent)
+    if held is not None:
+        raise ConfigError(f"{key}: teacher {path} is still being trained ({runlock.describe(held)}); "
+                          f"wait for that run to finish")
+    epoch, total = st.get("epoch"), cfg.get("train", {}).get("epochs")
+    if epoch is None or total is None:
+        return
+    mid_epoch = st.get("step", 0) > 0
+    best_snapshot = path.name != "last.pt" and (st.get("best") or {}).get("epoch") == epoch
+    if mid_epoch or (epoch < total and not best_snapshot):
+        where = f"during epoch {epoch + 1}" if mid_epoch else f"after epoch {epoch}"
+        raise ConfigError(f"{key}: teacher {path} was saved {where} of {total}: its run did not "
+                          f"finish; resume it (lsskd train --resume {path.parent}) or name a "
+                          f"finished run's checkpoint")
+    last = path.parent / "last.pt"
+    if best_snapshot and epoch < total and last.is_file():  # the best so far of a run that stopped?
+        try:
+            last_st = load_checkpoint(last)
+        except CheckpointError:
+            return  # only the best snapshot was kept intact; nothing more to know
+        if last_st.get("step", 0) > 0 or last_st.get("epoch", total) < total:
+            raise ConfigError(f"{key}: teacher {path} is the best epoch so far of a run that did not "
+                              f"finish ({last} stopped at epoch {last_st.get('epoch')} of {total}); "
+                              f"resume it (lsskd train --resume {path.parent}) first")
 
 
 def freeze(module: nn.Module) -> nn.Module:
