@@ -558,6 +558,9 @@ def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, cap
         run("B", "ce", "ce", s, c, 100, 20.0)
         run("B", "lsskd_selfsup", "lsskd", s, l, 450, 100.0)
     run("B", "sla", "sla", 0, 55.0, 400, 30.0)                                 # one seed: no pairing
+    t = make_run(tmp_path / "B", "teacher", "ce", 0, 58.0, 90.0, 58.0, 3, model="resnet20")  # another network
+    ts = json.loads((t / "summary.json").read_text())
+    (t / "summary.json").write_text(json.dumps({**ts, "macs_deployed": 3 * 12507392, "macs_train": 300}))
     assert main(["report", "--cells", f"cellA={tmp_path / 'A'}", str(tmp_path / "B"),
                  "--out", str(tmp_path / "out")]) == 0
     rows = {(r["group"], r["cell"]): r for r in read_csv(tmp_path / "out" / "cells.csv")}
@@ -575,6 +578,10 @@ def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, cap
     # the row's cost averages its cells: time (4 + 5) / 2
     assert "| lsskd_selfsup | 64.00 ± 1.73 (n=3)<br>+3.00 ± 0.58 (3) | 50.50 ± 2.12 (n=2)<br>-0.50 ± 0.50 (2) | 4.50 | 4.50 |" in md
     assert "| sla | – | 55.00 (n=1) | 4.00 | 1.50 |" in md
+    # a row that deploys another network says so, in the table and the CSV; the others do not
+    assert "| teacher<br>(deploys resnet20, 3.0x its MACs) | – | 58.00 (n=1) | 3.00 | 0.50 |" in md
+    assert rows[("teacher", "B")]["deploys"] == "deploys resnet20, 3.0x its MACs"
+    assert rows[("sla", "B")]["deploys"] == "" and "Every row deploys the baseline's network" in md
     # a baseline named by its sweep folder works; one no cell has is refused before writing
     assert main(["report", "--cells", str(tmp_path / "A"), "--compare-to", "lsskd_selfsup",
                  "--out", str(tmp_path / "o2")]) == 0

@@ -27,7 +27,7 @@ from .runs import Group, describe_repeats, find_runs, group_runs, repeated_seeds
 from .tables import add_deltas, baseline_groups, compute_stats, mean_std, pair_with
 
 CELL_COLUMNS = ["group", "cell", "label", "n_seeds", "top1_last_mean", "top1_last_std", "paired_delta", "paired_se",
-                "paired_n", "baseline", "flops_vs_baseline", "time_vs_baseline", "run_dirs"]
+                "paired_n", "baseline", "flops_vs_baseline", "time_vs_baseline", "deploys", "run_dirs"]
 
 
 def parse_cells(specs: Sequence[str]) -> List[Tuple[str, Path]]:
@@ -63,6 +63,19 @@ def _macs_train(g: Group) -> Optional[float]:
     """Training MACs per sample over the whole run (per-sample MACs x epochs), if all runs agree."""
     vals = [r.summary.get("macs_train", 0) * r.summary.get("epochs", 0) for r in g.runs]
     return float(vals[0]) if vals and vals[0] and len(set(vals)) == 1 else None
+
+
+def _deploys_other(g: Group, base: Optional[Group]) -> str:
+    """'' when ``g`` deploys the baseline's network; else what it deploys (a teacher row, a
+    model of another size), so that its accuracy is not read as the same network's."""
+    if base is None or g is base:
+        return ""
+    model, base_model = g.first.summary.get("model"), base.first.summary.get("model")
+    macs, base_macs = g.stats.get("macs_deployed"), base.stats.get("macs_deployed")
+    if model == base_model and macs == base_macs:
+        return ""
+    ratio = f", {macs / base_macs:.1f}x its MACs" if macs and base_macs else ""
+    return f"deploys {model or 'another network'}{ratio}"
 
 
 def cell_rows(cells: Sequence[Tuple[str, Path]], baseline: Optional[str],
@@ -109,6 +122,7 @@ def cell_rows(cells: Sequence[Tuple[str, Path]], baseline: Optional[str],
                 "is_base": base is g, "baseline": base.label if base else "",
                 "flops": macs / base_macs if macs and base_macs else None,
                 "time": t / base_time if t and base_time else None,
+                "deploys": _deploys_other(g, base),
                 "dirs": [str(r.path) for r in g.runs],
             }
     if baseline and not any(e["is_base"] for row in table.values() for e in row.values()):
@@ -136,7 +150,8 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
                          "top1_last_mean": _r(e["top1"][0]), "top1_last_std": _r(e["top1"][1]),
                          "paired_delta": _r(p[0]), "paired_se": _r(p[1]), "paired_n": p[2] or "",
                          "baseline": e["baseline"], "flops_vs_baseline": _r(e["flops"]),
-                         "time_vs_baseline": _r(e["time"]), "run_dirs": " ".join(e["dirs"])})
+                         "time_vs_baseline": _r(e["time"]), "deploys": e["deploys"],
+                         "run_dirs": " ".join(e["dirs"])})
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CELL_COLUMNS)
         w.writeheader()
@@ -148,7 +163,7 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
          f"vs {base_txt} in the same cell (mean of the per-seed differences ± its standard error, "
          "seeds in brackets). FLOPs: training MACs per sample over the whole run (x epochs) over the baseline's (exact). Time: "
          "training seconds over the baseline's in the same cell, averaged over cells (measured; as "
-         "noisy as the machine). Every method deploys the same network unless its row says otherwise.", ""]
+         "noisy as the machine). Every row deploys the baseline's network unless it says otherwise.", ""]
     L.append("| Group | " + " | ".join(names) + " | FLOPs / base | Time / base |")
     L.append("|---|" + "---:|" * (len(names) + 2))
     for label in labels:
@@ -168,7 +183,9 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
             cells_txt.append(txt)
         flops = mean_std([e["flops"] for e in table[label].values()])[0]
         time = mean_std([e["time"] for e in table[label].values()])[0]
-        L.append(f"| {label} | " + " | ".join(cells_txt)
+        notes = sorted({e["deploys"] for e in table[label].values() if e["deploys"]})
+        shown = label + "".join(f"<br>({n})" for n in notes)
+        L.append(f"| {shown} | " + " | ".join(cells_txt)
                  + f" | {'–' if flops is None else f'{flops:.2f}'} | {'–' if time is None else f'{time:.2f}'} |")
     L.append("")
     if unfinished:
