@@ -27,10 +27,10 @@
 #       --only 'lsskd_selfsup_cutmix/seed0' method.eval_aggregate=last      # seeds 0-2; the same for cell C
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_teachers_hapt.yaml --only 'hsakd_teacher_resnet1d/seed0'
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_teachers_hapt.yaml --only 'kd_teacher_resnet1d/seed0'
-#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_a.yaml --only 'ce_mixup/seed0'  # zipf_ls, dlb; 0-2
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_a.yaml --only 'ce_mixup/seed0'  # zipf_ls; 0-2
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_students_hapt.yaml --only 'hsakd/seed0'  # kd; 0-2,
 #       each after its teacher's summary.json existed
-#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_b.yaml --only 'ce_mixup/seed0'  # as far as it got
+#   (the queue was stopped there; DLB on A and the B/C plans did not start)
 # Then, from the project root:
 set -euo pipefail
 wt=${1:-/work/exp-cmp}
