@@ -312,7 +312,7 @@ def test_kd_refuses_a_teacher_whose_run_did_not_finish(teacher_ckpt, tmp_path):
         teacher(run / "last.pt")
     save_checkpoint(dict(stopped, best={"epoch": 1, "top1": 5.0}), run / "best.pt")
     with pytest.raises(ConfigError, match=r"best.pt is the best epoch so far of a run that did not finish "
-                                          r"\(.*last.pt stopped at epoch 1 of 3\)"):
+                                          r"\(.*last.pt stopped after epoch 1 of 3\)"):
         teacher(run / "best.pt")
     save_checkpoint(dict(st, step=2), tmp_path / "mid" / "last.pt")
     with pytest.raises(ConfigError, match="saved during epoch 2 of 1"):

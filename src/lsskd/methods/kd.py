@@ -47,6 +47,15 @@ def teacher_state(path: str | Path, num_classes: int, input_shape: Sequence[int]
     return run.config, st
 
 
+def stopped_early(st: dict, total: int) -> str | None:
+    """Where a checkpoint of a ``total``-epoch run was written, if not after its last epoch
+    ("during epoch 3", "after epoch 2"); None for a finished run's checkpoint."""
+    epoch = st.get("epoch", total)
+    if st.get("step", 0) > 0:
+        return f"during epoch {epoch + 1}"
+    return f"after epoch {epoch}" if epoch < total else None
+
+
 def require_finished(path: Path, st: dict, cfg: dict, key: str) -> None:
     """Refuse a teacher that is not a finished run's: a run directory another process is still
     training, a mid-epoch snapshot, or a ``last.pt`` written before the run's last epoch (an
@@ -56,26 +65,29 @@ def require_finished(path: Path, st: dict, cfg: dict, key: str) -> None:
     if held is not None:
         raise ConfigError(f"{key}: teacher {path} is still being trained ({runlock.describe(held)}); "
                           f"wait for that run to finish")
-    epoch, total = st.get("epoch"), cfg.get("train", {}).get("epochs")
-    if epoch is None or total is None:
+    total = cfg.get("train", {}).get("epochs")
+    if st.get("epoch") is None or total is None:
         return
-    mid_epoch = st.get("step", 0) > 0
-    best_snapshot = path.name != "last.pt" and (st.get("best") or {}).get("epoch") == epoch
-    if mid_epoch or (epoch < total and not best_snapshot):
-        where = f"during epoch {epoch + 1}" if mid_epoch else f"after epoch {epoch}"
+    where = stopped_early(st, total)
+    if where is None:
+        return
+    best_snapshot = (path.name != "last.pt" and st.get("step", 0) == 0
+                     and (st.get("best") or {}).get("epoch") == st["epoch"])
+    if not best_snapshot:
         raise ConfigError(f"{key}: teacher {path} was saved {where} of {total}: its run did not "
                           f"finish; resume it (lsskd train --resume {path.parent}) or name a "
                           f"finished run's checkpoint")
-    last = path.parent / "last.pt"
-    if best_snapshot and epoch < total and last.is_file():  # the best so far of a run that stopped?
-        try:
-            last_st = load_checkpoint(last)
-        except CheckpointError:
-            return  # only the best snapshot was kept intact; nothing more to know
-        if last_st.get("step", 0) > 0 or last_st.get("epoch", total) < total:
-            raise ConfigError(f"{key}: teacher {path} is the best epoch so far of a run that did not "
-                              f"finish ({last} stopped at epoch {last_st.get('epoch')} of {total}); "
-                              f"resume it (lsskd train --resume {path.parent}) first")
+    last = path.parent / "last.pt"  # a best epoch before the last: was that run's end reached?
+    if not last.is_file():
+        return
+    try:
+        last_where = stopped_early(load_checkpoint(last), total)
+    except CheckpointError:
+        return  # only the best snapshot was kept intact; nothing more to know
+    if last_where is not None:
+        raise ConfigError(f"{key}: teacher {path} is the best epoch so far of a run that did not "
+                          f"finish ({last} stopped {last_where} of {total}); "
+                          f"resume it (lsskd train --resume {path.parent}) first")
 
 
 def freeze(module: nn.Module) -> nn.Module:
