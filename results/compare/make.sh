@@ -31,6 +31,11 @@
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_students_hapt.yaml --only 'hsakd/seed0'  # kd; 0-2,
 #       each after its teacher's summary.json existed
 #   (the queue was stopped there; DLB on A and the B/C plans did not start)
+# and on 2026-12-07 from 18:09 UTC, same worktree and commit (this session's costly-method plans
+# copied into it with out_root results/head/cutmix-test-{a,b,c}):
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_a.yaml --only 'dlb/seed0'      # 0-2
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_b.yaml --only 'ce_mixup/seed0' # 0-2; then
+#       zipf_ls, dlb, ddgsd; the same for baselines_test_c.yaml
 # Then, from the project root:
 set -euo pipefail
 wt=${1:-/work/exp-cmp}
