@@ -569,6 +569,8 @@ def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, cap
     assert float(b["paired_delta"]) == -0.5 and float(b["paired_se"]) == pytest.approx(0.5, abs=1e-4)
     assert float(a["flops_vs_baseline"]) == 4.5 and float(a["time_vs_baseline"]) == 4.0
     assert float(b["time_vs_baseline"]) == 5.0 and rows[("sla", "B")]["paired_delta"] == ""
+    # the reading rule: +3.00 beyond 2 x 0.58 is ahead; -0.50 within 2 x 0.50 is level; unpaired blank
+    assert (a["at_2se"], b["at_2se"], rows[("sla", "B")]["at_2se"]) == ("ahead", "level", "")
     assert ("sla", "cellA") not in rows
     # another budget pairs with the cell's only CE, its FLOPs counted over the whole run
     c2 = rows[("ce_2x", "cellA")]
@@ -582,6 +584,10 @@ def test_report_across_cells_pairs_each_cell_with_its_own_baseline(tmp_path, cap
     assert "| teacher<br>(deploys resnet20, 3.0x its MACs) | – | 58.00 (n=1) | 3.00 | 0.50 |" in md
     assert rows[("teacher", "B")]["deploys"] == "deploys resnet20, 3.0x its MACs"
     assert rows[("sla", "B")]["deploys"] == "" and "Every row deploys the baseline's network" in md
+    # the figure of the paired differences, linked from the table; --no-plots writes tables only
+    assert (tmp_path / "out" / "cells.png").stat().st_size > 1000 and "](cells.png)" in md
+    assert main(["report", "--cells", str(tmp_path / "B"), "--no-plots", "--out", str(tmp_path / "np")]) == 0
+    assert not (tmp_path / "np" / "cells.png").exists() and "cells.png" not in (tmp_path / "np" / "cells.md").read_text()
     # a baseline named by its sweep folder works; one no cell has is refused before writing
     assert main(["report", "--cells", str(tmp_path / "A"), "--compare-to", "lsskd_selfsup",
                  "--out", str(tmp_path / "o2")]) == 0

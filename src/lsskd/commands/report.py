@@ -27,7 +27,8 @@ def add_parser(sub):
     p.add_argument("--cells", action="store_true",
                    help="treat each RUN_DIR as one cell (NAME=DIR names it; default: the folder's name) "
                         "and write cells.md/cells.csv: every group on every cell with its paired delta vs "
-                        "the baseline in that cell, training FLOPs and training time relative to it")
+                        "the baseline in that cell (ahead/level/behind at two standard errors), training "
+                        "FLOPs and training time relative to it; cells.png plots the deltas ± 2 SE")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--allow-repeated-seeds", action="store_true",
                    help="count two run folders with the same config and seed as two seeds (by default "
@@ -73,7 +74,7 @@ def _run_cells(args) -> int:
     cells = parse_cells(args.runs)
     out = _out_folder(args.out or cells[0][1])
     files, unfinished = write_cells(cells, out, baseline=_baseline(args.compare_to),
-                                    allow_repeats=args.allow_repeated_seeds)
+                                    allow_repeats=args.allow_repeated_seeds, plots=not args.no_plots)
     for d in unfinished:
         print(f"  left out {d}: unfinished")
     for f in files:

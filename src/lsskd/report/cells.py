@@ -27,7 +27,17 @@ from .runs import Group, describe_repeats, find_runs, group_runs, repeated_seeds
 from .tables import add_deltas, baseline_groups, compute_stats, mean_std, pair_with
 
 CELL_COLUMNS = ["group", "cell", "label", "n_seeds", "top1_last_mean", "top1_last_std", "paired_delta", "paired_se",
-                "paired_n", "baseline", "flops_vs_baseline", "time_vs_baseline", "deploys", "run_dirs"]
+                "paired_n", "at_2se", "baseline", "flops_vs_baseline", "time_vs_baseline", "deploys", "run_dirs"]
+
+
+def at_two_se(paired) -> str:
+    """'ahead' or 'behind' the baseline when the paired mean difference is beyond two standard
+    errors of it, 'level' otherwise; '' without a paired difference. The reading rule of the
+    comparisons in results/ (written in their plans before the runs ended)."""
+    if not paired:
+        return ""
+    m, se, _ = paired
+    return "ahead" if m > 2 * se else "behind" if m < -2 * se else "level"
 
 
 def parse_cells(specs: Sequence[str]) -> List[Tuple[str, Path]]:
@@ -133,8 +143,13 @@ def cell_rows(cells: Sequence[Tuple[str, Path]], baseline: Optional[str],
 
 
 def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Optional[str] = "ce",
-                allow_repeats: bool = False) -> Tuple[List[Path], List[Path]]:
-    """Write ``cells.md`` and ``cells.csv`` into ``out``; returns (files, unfinished runs)."""
+                allow_repeats: bool = False, plots: bool = True) -> Tuple[List[Path], List[Path]]:
+    """Write ``cells.md``, ``cells.csv`` and (with ``plots`` and a baseline) ``cells.png``, the
+    paired differences with their 2-SE bars, into ``out``; returns (files, unfinished runs)."""
+    if plots:
+        from .plots import pyplot
+
+        pyplot()  # fail before writing anything when matplotlib is missing
     labels, table, unfinished = cell_rows(cells, baseline, allow_repeats)
     names = [n for n, _ in cells]
     out = Path(out)
@@ -149,6 +164,7 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
             rows.append({"group": label, "cell": name, "label": e["label"], "n_seeds": e["n"],
                          "top1_last_mean": _r(e["top1"][0]), "top1_last_std": _r(e["top1"][1]),
                          "paired_delta": _r(p[0]), "paired_se": _r(p[1]), "paired_n": p[2] or "",
+                         "at_2se": at_two_se(e["paired"]),
                          "baseline": e["baseline"], "flops_vs_baseline": _r(e["flops"]),
                          "time_vs_baseline": _r(e["time"]), "deploys": e["deploys"],
                          "run_dirs": " ".join(e["dirs"])})
@@ -157,6 +173,12 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
         w.writeheader()
         w.writerows(rows)
     base_txt = baseline or "none"
+    files = [out / "cells.md", out / "cells.csv"]
+    if plots and baseline:
+        from .plots import plot_cells
+
+        if plot_cells(rows, names, baseline, out / "cells.png"):
+            files.append(out / "cells.png")
     L = ["# lsskd report across cells", "",
          f"Cells: {', '.join(f'{n} (`{p}`)' for n, p in cells)}.", "",
          "Each entry: last-epoch top-1 (%), mean ± sample std over seeds, and below it the paired Δ "
@@ -188,10 +210,12 @@ def write_cells(cells: Sequence[Tuple[str, Path]], out: str | Path, baseline: Op
         L.append(f"| {shown} | " + " | ".join(cells_txt)
                  + f" | {'–' if flops is None else f'{flops:.2f}'} | {'–' if time is None else f'{time:.2f}'} |")
     L.append("")
+    if out / "cells.png" in files:
+        L += [f"![Paired difference from {baseline} per cell, ± 2 SE](cells.png)", ""]
     if unfinished:
         L += ["Unfinished runs (left out): " + ", ".join(f"`{d}`" for d in unfinished), ""]
     (out / "cells.md").write_text("\n".join(L))
-    return [out / "cells.md", out / "cells.csv"], unfinished
+    return files, unfinished
 
 
 def _r(x: Optional[float], nd: int = 4):

@@ -1,5 +1,6 @@
 """Figures (matplotlib, imported only when plots are asked for): accuracy per epoch,
-accuracy against the training fraction and the epoch budget, and per-branch accuracy."""
+accuracy against the training fraction and the epoch budget, per-branch accuracy, and the paired
+differences of ``report --cells``."""
 from __future__ import annotations
 
 import math
@@ -171,6 +172,48 @@ def plot_branches(groups: Sequence[Group], path: Path) -> bool:
     ax.set_title("Per-branch accuracy, shallow → deep (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
     _legend(ax, len(gs))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_cells(rows: Sequence[Dict[str, Any]], cells: Sequence[str], baseline: str, path: Path) -> bool:
+    """Paired differences against each cell's baseline (``cells.csv``'s rows): one panel per cell,
+    one line per group, the mean of the per-seed differences with a bar of ± two standard errors.
+    Filled where the bar clears zero (ahead or behind at 2 SE), hollow where it does not (level),
+    so that the reading rule of the comparisons is what the eye sees. False when nothing paired."""
+    paired = [r for r in rows if r["paired_delta"] != ""]
+    if not paired:
+        return False
+    groups = list(dict.fromkeys(r["group"] for r in paired))
+    flops = {}
+    for r in paired:
+        if r["flops_vs_baseline"] != "":
+            flops.setdefault(r["group"], []).append(float(r["flops_vs_baseline"]))
+    names = [c for c in cells if any(r["cell"] == c for r in paired)]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), sharey=True, squeeze=False,
+                             figsize=(1.2 + 2.8 * len(names), 0.9 + 0.42 * len(groups)))
+    ys = {g: len(groups) - 1 - i for i, g in enumerate(groups)}  # first group on top
+    colors = dict(zip(groups, _colors(len(groups))))
+    for ax, cell in zip(axes[0], names):
+        for r in (r for r in paired if r["cell"] == cell):
+            m, se = float(r["paired_delta"]), float(r["paired_se"])
+            clear = abs(m) > 2 * se
+            color, y = colors[r["group"]], ys[r["group"]]
+            ax.plot([m - 2 * se, m + 2 * se], [y, y], color=color, lw=2)
+            ax.plot([m], [y], marker="o", ms=7, color=color if clear else "white", markeredgecolor=color,
+                    zorder=3)
+        ax.axvline(0.0, color="black", lw=1)
+        ax.set_title(cell)
+        ax.set_xlabel(f"top-1 − {baseline} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    ticks = [g + (f"  [{mean_std(flops[g])[0]:.1f}x FLOPs]" if g in flops else "") for g in groups]
+    axes[0][0].set_yticks([ys[g] for g in groups])
+    axes[0][0].set_yticklabels(ticks, fontsize=8)
+    axes[0][0].set_ylim(-0.7, len(groups) - 0.3)
+    fig.suptitle(f"Paired difference from {baseline} per cell, mean ± 2 SE over seeds "
+                 "(filled: beyond 2 SE; hollow: level)", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
