@@ -36,6 +36,12 @@
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_a.yaml --only 'dlb/seed0'      # 0-2
 #   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_test_b.yaml --only 'ce_mixup/seed0' # 0-2; then
 #       zipf_ls, dlb, ddgsd; the same for baselines_test_c.yaml
+# and on 2026-12-07 from 21:03 UTC, same worktree and commit (the costly plans with out_root
+# results/head/cutmix-test-{a,b,c}; SLA's seeds 0 and 1 on A resumed from the epoch the previous
+# session's queue stopped at, which `lsskd sweep` does exactly):
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_costly_test_a.yaml --only 'sla/seed0'     # 0-2
+#   OMP_NUM_THREADS=1 lsskd sweep --plan configs/sweeps/baselines_costly_test_a.yaml --only 'mixskd/seed0'  # 0-2; then
+#       mixskd on baselines_costly_test_b.yaml and _c.yaml, seeds 0-2
 # Then, from the project root:
 set -euo pipefail
 wt=${1:-/work/exp-cmp}
