@@ -199,7 +199,7 @@ def plot_cells(rows: Sequence[Dict[str, Any]], cells: Sequence[str], baseline: s
     for ax, cell in zip(axes[0], names):
         for r in (r for r in paired if r["cell"] == cell):
             m, se = float(r["paired_delta"]), float(r["paired_se"])
-            clear = abs(m) > 2 * se
+            clear = r["at_2se"] != "level"  # the CSV's verdict (cells.at_two_se), not a second reading
             color, y = colors[r["group"]], ys[r["group"]]
             ax.plot([m - 2 * se, m + 2 * se], [y, y], color=color, lw=2)
             ax.plot([m], [y], marker="o", ms=7, color=color if clear else "white", markeredgecolor=color,
