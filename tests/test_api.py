@@ -110,6 +110,8 @@ def _plain_loop(bundle, profile, method_cfg, has_val):
                 break
             for g in opt.param_groups:  # cosine over the run, per step
                 g["lr"] = LR * 0.5 * (1 + math.cos(math.pi * (epoch + step / STEPS) / EPOCHS))
+            # the samples the profile adds (DDGSD, DLB, CS-KD), drawn as the trainer draws them
+            xb, yb, idx = sd.with_extra(xb, yb, idx, train, generator=aug_gen)
             x, mix = aug(xb, aug_gen)
             out = sd.step(x, yb, idx, mix)
             opt.zero_grad(set_to_none=True)
@@ -122,14 +124,22 @@ def _plain_loop(bundle, profile, method_cfg, has_val):
     return sd, logs
 
 
+def _assert_same_value(u, v, k):
+    if torch.is_tensor(u):
+        assert torch.is_tensor(v) and torch.equal(u, v), k
+    elif isinstance(u, dict):  # a method's extra state (DLB's previous batch)
+        assert isinstance(v, dict) and list(u) == list(v), k
+        for j in u:
+            _assert_same_value(u[j], v[j], f"{k}.{j}")
+    else:
+        assert u == v, k
+
+
 def _assert_same_state(a: nn.Module, b: nn.Module):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for k in sa:
-        if torch.is_tensor(sa[k]):
-            assert torch.equal(sa[k], sb[k]), k
-        else:
-            assert sa[k] == sb[k], k
+        _assert_same_value(sa[k], sb[k], k)
 
 
 CASES = {
@@ -139,6 +149,11 @@ CASES = {
     "lsskd": ("lsskd", {"views_per_step": 2}, []),
     # the gap gate: reads held-out accuracy after every epoch (on_validation)
     "lsskd_robust_gap": ("lsskd_robust", {"gate_floor": 0.1, "gap_floor": -0.5, "views_per_step": 2}, ["data.val_fraction=0.2"]),
+    # profiles that add samples to each batch (with_extra): a second view of every sample,
+    # the previous batch, a same-class partner drawn from the shared generator
+    "ddgsd": ("ddgsd", {}, []),
+    "dlb": ("dlb", {}, []),
+    "cskd": ("cskd", {}, []),
 }
 
 
@@ -152,7 +167,10 @@ def test_plain_loop_trains_the_cli_trainers_model(case, tmp_path):
     assert [r["train_top1"] for r in rows] == [r["top1"] for r in logs]
     assert [r.get("method_gate") for r in rows] == [r.get("gate") for r in logs]
     assert [r["train_loss"] for r in rows] == pytest.approx([r["loss"] for r in logs], rel=1e-12)
-    if profile != "lsskd":
+    if sd.loads_extra:
+        # accuracy counted the batch's own rows: STEPS batches an epoch, not the extra rows
+        assert [r["n"] for r in logs] == [STEPS * BATCH] * EPOCHS
+    elif profile != "lsskd":
         assert max(r["gate"] for r in logs) > 0  # the gate opened: the branches reached the backbone
     else:
         assert sd.needs_indices and bool(sd.method.store.filled.any())
@@ -360,8 +378,6 @@ def test_zoo_names_adapters_and_refusals():
         SelfDistiller("resnet8", num_train=4, epochs=1)
     with pytest.raises(UsageError, match="unknown method 'nope'.*lsskd_selfsup"):
         SelfDistiller("resnet8", "nope", num_train=4, epochs=1, num_classes=3)
-    with pytest.raises(UsageError, match="loads extra samples"):
-        SelfDistiller("resnet8", "cskd", num_train=4, epochs=1, num_classes=3)
     with pytest.raises(UsageError, match="num_train must be a positive int"):
         SelfDistiller("resnet8", num_train=0, epochs=1, num_classes=3)
     adapter = StagedAdapter(TinyNet(), stem="conv", stages=["block1", "block2"], classifier="fc")
@@ -454,3 +470,56 @@ def test_ddp_in_a_plain_loop_shares_the_store(tmp_path):
         a, b = r0["state"][k], r1["state"][k]
         assert k.endswith(local) or (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
     assert r0["state"]["method.store.filled"].nonzero().flatten().tolist() == list(range(32))
+
+
+class Noisy(Dataset):
+    """A dataset with its own random transform (a second load is a second draw) and no
+    label attribute; counts the loads."""
+
+    def __init__(self, n=12):
+        self.y, self.loads = torch.arange(n) % 3, []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.loads.append(i)
+        return torch.full((3, 8, 8), float(i)) + 0.01 * torch.randn(3, 8, 8), int(self.y[i])
+
+
+def test_with_extra_loads_what_the_profile_adds():
+    torch.manual_seed(0)
+    ds = Noisy()
+    idx = torch.tensor([0, 4, 5, 7])
+    x, y = torch.stack([ds[int(i)][0] for i in idx]), ds.y[idx]
+    ds.loads.clear()
+    # DDGSD: a second, independently transformed view of every sample, loaded from the dataset
+    sd = SelfDistiller("resnet8", "ddgsd", num_train=12, epochs=1, num_classes=3)
+    assert sd.loads_extra and sd.needs_indices
+    sd.on_epoch_start(0)
+    with pytest.raises(UsageError, match=r"call x, y, idx = sd.with_extra\(x, y, idx, train_set\)"):
+        sd.step(x, y, idx)
+    x2, y2, i2 = sd.with_extra(x, y, idx, WithIndex(ds))
+    assert ds.loads == [0, 4, 5, 7] and torch.equal(i2, idx.repeat(2)) and torch.equal(y2, y.repeat(2))
+    assert torch.allclose(x2[4:], x, atol=0.1) and not torch.equal(x2[4:], x)
+    with pytest.raises(UsageError, match="with_extra built 8 rows, step\\(\\) got 4"):
+        sd.step(x, y, idx)  # the extended batch must reach step()
+    x2, y2, i2 = sd.with_extra(x, y, idx, ds)
+    out = sd.step(x2, y2, i2)
+    assert out.logits.shape == (4, 3) and set(out.terms) == {"ce", "kl", "mmd"}
+    sd.after_step()
+    assert sd.on_epoch_end()["n"] == 4  # accuracy over the batch's own samples
+    with pytest.raises(UsageError, match="train_set has 5 samples but num_train=12"):
+        sd.with_extra(x, y, idx, Pairs(torch.zeros(5, 3, 8, 8), torch.zeros(5)))
+    # CS-KD: a partner of the same class, labels read by one pass over a dataset without a
+    # label attribute; the partner draws resume exactly from state_dict()
+    sd = SelfDistiller("resnet8", "cskd", num_train=12, epochs=1, num_classes=3, seed=5)
+    state = sd.state_dict()
+    _, yp, ip = sd.with_extra(x, y, idx, ds)
+    assert torch.equal(yp[4:], y) and torch.equal(ds.y[ip[4:]], y) and not torch.equal(ip[4:], idx)
+    again = SelfDistiller("resnet8", "cskd", num_train=12, epochs=1, num_classes=3, seed=99)
+    again.load_state_dict(state)
+    assert torch.equal(again.with_extra(x, y, idx, ds)[2], ip)
+    # profiles that add nothing pass the batch through
+    plain = SelfDistiller("resnet8", "ce", num_train=12, epochs=1, num_classes=3)
+    assert not plain.loads_extra and plain.with_extra(x, y, idx, ds)[0] is x

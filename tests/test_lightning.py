@@ -188,3 +188,22 @@ def test_gradient_accumulation_commits_every_micro_batch(data, tmp_path):
     module = _module(data[0], 0, epochs=1)
     _fit(module, data, tmp_path, 1, accumulate_grad_batches=2)
     assert int(module.sd.method.store.filled.sum()) == STEPS * BATCH and not module.sd.step_pending
+
+
+def test_profiles_that_add_samples_train_from_the_given_dataset(data, tmp_path):
+    train = data[0]
+    with pytest.raises(UsageError, match="pass train_set="):
+        SelfDistillModule(build_model("resnet8", 10), "ddgsd", num_train=len(train), epochs=1)
+    torch.manual_seed(0)
+    module = SelfDistillModule(build_model("resnet8", 10), "dlb", num_train=len(train), epochs=1,
+                               train_set=train, optim={"lr": 0.05})
+    terms = []
+
+    class Terms(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            terms.append(float(trainer.callback_metrics["train/dlb"]))
+
+    _fit(module, data, tmp_path, 1, callbacks=[Terms()])
+    # DLB's consistency term is zero on the first batch (no previous one) and acts after it
+    assert len(terms) == STEPS and terms[0] == 0.0 and all(t > 0 for t in terms[1:])
+

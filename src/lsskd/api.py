@@ -137,22 +137,20 @@ class SelfDistiller(nn.Module):
     profile's keys as in a config's ``method:`` section (``docs/config.md``).
     ``has_val``: you will call :meth:`on_validation` with held-out top-1 after every epoch
     (``gate=auto`` then watches the train/held-out gap). ``modality``: ``image`` or
-    ``signal`` (the self-supervised views; default from the backbone's probe shape)."""
+    ``signal`` (the self-supervised views; default from the backbone's probe shape).
+    ``seed``: the generator that draws extra samples for profiles that add them to each
+    batch (:meth:`with_extra`; CS-KD's partners), unless you pass your own."""
 
     def __init__(self, backbone, profile: str = RECOMMENDED, *, num_train: int, epochs: int,
                  config: Optional[Mapping] = None, stages: Optional[Mapping] = None,
                  num_classes: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
-                 has_val: bool = False, modality: Optional[str] = None):
+                 has_val: bool = False, modality: Optional[str] = None, seed: int = 0):
         super().__init__()
         for name, v in (("num_train", num_train), ("epochs", epochs)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise UsageError(f"{name} must be a positive int, got {v!r}")
         num_train, epochs = int(num_train), int(epochs)
         cls = method_class(profile)
-        if cls.sample_extra is not Method.sample_extra:
-            raise UsageError(f"profile {profile!r} loads extra samples with every batch "
-                             "(sample_extra), which this API does not do: train it with "
-                             "`lsskd train`, or pick another profile")
         net = as_staged(backbone, stages, num_classes, input_shape)
         # Your own module, whose parameters the adapter shares: what deploy() hands back.
         self._own = (backbone,) if isinstance(backbone, nn.Module) and net is not backbone else ()
@@ -171,9 +169,17 @@ class SelfDistiller(nn.Module):
             raise UsageError(f"profile {profile!r} reads held-out accuracy after every epoch: "
                              "construct with has_val=True and call on_validation(top1) each epoch")
         self.profile, self.num_train, self.epochs = profile, num_train, epochs
-        #: The profile keeps per-sample state, so every step needs the samples' indices.
-        self.needs_indices = any(isinstance(m, StoreBase) and m.num_samples > 0
-                                 for m in self.method.modules())
+        #: The profile trains on samples added to each batch (DDGSD's second view, DLB's
+        #: previous batch, CS-KD's same-class partner): call :meth:`with_extra` before step().
+        self.loads_extra = cls.sample_extra is not Method.sample_extra
+        #: The profile keeps per-sample state (or draws extra samples by index), so every
+        #: step needs the samples' indices.
+        self.needs_indices = self.loads_extra or any(isinstance(m, StoreBase) and m.num_samples > 0
+                                                     for m in self.method.modules())
+        # Draws the extra samples (CS-KD's partners) unless with_extra is given a generator.
+        self._extra_gen = torch.Generator().manual_seed(int(seed))
+        self._extra_rows = None  # (batch rows, rows with extras) of the batch with_extra built
+        self._labels = None  # (dataset, its labels) for profiles whose extras depend on labels
         self._epochs_done, self._in_epoch, self._validated = 0, False, True
         self._pending = None  # (batch size, correct, loss) of a step awaiting after_step
         self._acc = {"n": 0.0, "correct": 0.0, "loss": 0.0}
@@ -252,13 +258,82 @@ class SelfDistiller(nn.Module):
                              "after every optimiser step (sd.discard_step() for a step you skip)")
         if idx is not None or self.needs_indices:
             idx = self._check_indices(x, idx)
+        b = len(y)
+        if self.loads_extra:
+            rows, self._extra_rows = self._extra_rows, None
+            if rows is None or rows[1] != len(x):
+                raise UsageError(f"profile {self.profile!r} trains on samples added to each batch: "
+                                 "call x, y, idx = sd.with_extra(x, y, idx, train_set) on the loaded "
+                                 "batch, before your augmentation, and pass its result to step()"
+                                 + ("" if rows is None else f" (with_extra built {rows[1]} rows, "
+                                    f"step() got {len(x)})"))
+            b = rows[0]  # training accuracy counts the batch's own samples only
         logits, losses = self.method(x, y, idx, mix)
         loss = sum(losses.values())
-        b = len(y)
         with torch.no_grad():
             correct = (logits[:b].argmax(1) == y[:b]).sum()
         self._pending = (b, correct, loss.detach())
         return StepOutput(loss, {k: v.detach() for k, v in losses.items()}, logits)
+
+    def with_extra(self, x: torch.Tensor, y: torch.Tensor, idx, train_set,
+                   generator: Optional[torch.Generator] = None):
+        """The batch with the samples the profile adds to it, loaded from ``train_set``
+        (your map-style training dataset, the one :class:`WithIndex` wraps): DDGSD a second
+        view of every sample, DLB the previous batch's samples, CS-KD a same-class partner
+        of each. Returns ``(x, y, idx)`` with the extra rows appended (unchanged for
+        profiles that add none). Call it on the batch as loaded, before a batch
+        augmentation of your own, so that every row is augmented alike; a transform inside
+        your dataset runs again for each extra row (DDGSD's second view is a second draw
+        of it, so give the dataset a random transform or augment the batch yourself).
+        ``generator`` draws the extra samples (default: the SelfDistiller's own, seeded by
+        ``seed`` and kept in :meth:`state_dict`)."""
+        if not self.loads_extra:
+            return x, y, idx
+        idx = self._check_indices(x, idx)
+        if isinstance(train_set, WithIndex):
+            train_set = train_set.dataset
+        if not hasattr(train_set, "__getitem__") or not hasattr(train_set, "__len__"):
+            raise UsageError(f"with_extra needs the map-style training dataset, got "
+                             f"{type(train_set).__name__}")
+        if len(train_set) != self.num_train:
+            raise UsageError(f"train_set has {len(train_set)} samples but num_train={self.num_train}: "
+                             "pass the dataset the batch indices come from")
+        labels = self._train_labels(train_set) if self.method.extra_needs_labels else None
+        extra = self.method.sample_extra(idx.cpu(), labels, generator or self._extra_gen)
+        if extra is None or len(extra) == 0:
+            self._extra_rows = (len(x), len(x))
+            return x, y, idx
+        samples = [train_set[int(i)] for i in extra]
+        try:
+            xe, ye = torch.utils.data.default_collate([(s[0], s[1]) for s in samples])
+        except (TypeError, IndexError, RuntimeError) as e:
+            raise UsageError(f"with_extra could not batch {type(train_set).__name__}'s samples "
+                             f"(expected (x, y) pairs like the loader's): {e}") from None
+        if tuple(xe.shape[1:]) != tuple(x.shape[1:]):
+            raise UsageError(f"{type(train_set).__name__}'s samples have shape {tuple(xe.shape[1:])}, "
+                             f"the batch {tuple(x.shape[1:])}: call with_extra on the batch as the "
+                             "loader returns it, before any resizing of your own")
+        self._extra_rows = (len(x), len(x) + len(xe))
+        return (torch.cat([x, xe.to(device=x.device, dtype=x.dtype)]),
+                torch.cat([y, torch.as_tensor(ye).to(device=y.device, dtype=y.dtype)]),
+                torch.cat([idx, extra.to(device=idx.device, dtype=idx.dtype)]))
+
+    def _train_labels(self, train_set) -> torch.Tensor:
+        if self._labels is not None and self._labels[0] is train_set:
+            return self._labels[1]
+        found = None
+        for name in ("targets", "labels", "y"):
+            v = getattr(train_set, name, None)
+            if v is not None and not callable(v) and len(v) == len(train_set):
+                found = torch.as_tensor(v)
+                break
+        if found is None and isinstance(train_set, torch.utils.data.TensorDataset):
+            found = train_set.tensors[1]
+        if found is None:  # one pass over the dataset (its transform runs once per sample)
+            found = torch.as_tensor([int(train_set[i][1]) for i in range(len(train_set))])
+        found = found.reshape(-1).long().cpu()
+        self._labels = (train_set, found)
+        return found
 
     def forward(self, x, y=None, idx=None, mix=None):
         """Training mode with labels: :meth:`step` (so ``DistributedDataParallel(sd)``
@@ -333,16 +408,21 @@ class SelfDistiller(nn.Module):
     # --- state -----------------------------------------------------------------------
     def get_extra_state(self):
         a = self._acc
-        return {"epochs_done": self._epochs_done, "in_epoch": self._in_epoch,
-                "validated": self._validated,
-                "acc": {k: float(v) for k, v in a.items()}}
+        state = {"epochs_done": self._epochs_done, "in_epoch": self._in_epoch,
+                 "validated": self._validated,
+                 "acc": {k: float(v) for k, v in a.items()}}
+        if self.loads_extra:
+            state["extra_gen"] = self._extra_gen.get_state()
+        return state
 
     def set_extra_state(self, state) -> None:
         self._epochs_done = int(state["epochs_done"])
         self._in_epoch = bool(state["in_epoch"])
         self._validated = bool(state["validated"])
         self._acc = {k: float(v) for k, v in state["acc"].items()}
-        self._pending = None
+        self._pending = self._extra_rows = None
+        if "extra_gen" in state:
+            self._extra_gen.set_state(state["extra_gen"])
         if self._in_epoch:  # a checkpoint from inside an epoch: its schedules, not on_epoch_start's
             self.method.epoch, self.method.total_epochs = self._epochs_done + 1, self.epochs
 

@@ -56,17 +56,25 @@ class SelfDistillModule(pl.LightningModule):
     settings with lsskd's ``optim.`` keys (``lr``, ``momentum``, ``weight_decay``,
     ``nesterov``, ``schedule`` = cosine | step, ``milestones``, ``lr_decay``,
     ``warmup_epochs``); the learning rate is set every step as ``lsskd train`` sets it.
-    Override :meth:`configure_optimizers` for another optimiser."""
+    Override :meth:`configure_optimizers` for another optimiser. ``train_set``: the
+    training dataset the loader reads, for profiles that add samples to each batch
+    (DDGSD, DLB, CS-KD; :meth:`SelfDistiller.with_extra`)."""
 
     def __init__(self, backbone, profile: str = RECOMMENDED, *, num_train: int, epochs: int,
                  optim: Optional[Mapping] = None, config: Optional[Mapping] = None,
                  stages: Optional[Mapping] = None, num_classes: Optional[int] = None,
                  input_shape: Optional[Sequence[int]] = None, has_val: bool = False,
-                 modality: Optional[str] = None):
+                 modality: Optional[str] = None, train_set=None, seed: int = 0):
         super().__init__()
         self.sd = SelfDistiller(backbone, profile, num_train=num_train, epochs=epochs, config=config,
                                 stages=stages, num_classes=num_classes, input_shape=input_shape,
-                                has_val=has_val, modality=modality)
+                                has_val=has_val, modality=modality, seed=seed)
+        if self.sd.loads_extra and train_set is None:
+            raise UsageError(f"profile {profile!r} adds samples to every batch (SelfDistiller.with_extra): "
+                             "pass train_set=, the training dataset your loader reads, so the module "
+                             "can load them")
+        # Not a submodule or hyperparameter: where with_extra loads the profile's extra rows.
+        self.train_set = train_set
         self.optim_cfg = validate_section(dict(optim or {}), OPTIM_DEFAULTS, "optim.")
         # Under DDP every rank writes the same gathered rows into the store (after_step):
         # DDP need not broadcast it before every forward.
@@ -113,6 +121,8 @@ class SelfDistillModule(pl.LightningModule):
         if self.sd.step_pending:  # gradient accumulation: the last micro-batch had no optimiser step
             self.sd.after_step()
         x, y, idx = _unpack(batch)
+        if self.sd.loads_extra:
+            x, y, idx = self.sd.with_extra(x, y, idx, self.train_set)
         out = self.sd.step(x, y, idx)
         self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, on_step=True, on_epoch=False)
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)

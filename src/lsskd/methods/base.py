@@ -164,6 +164,9 @@ class Method(nn.Module):
         """Schedule values of the current epoch worth logging (e.g. ``alpha``), as floats."""
         return {}
 
+    #: sample_extra reads the training labels (the API then finds them in the dataset).
+    extra_needs_labels = False
+
     def sample_extra(self, idx: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> Optional[torch.Tensor]:
         """Optional extra sample indices to load with the batch (e.g. CS-KD pairs)."""
         return None

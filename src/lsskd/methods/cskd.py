@@ -62,6 +62,8 @@ class ClassWiseSelfKD(Method):
         labels = self.context.train_labels
         self.sampler = ClassPairSampler(labels) if labels is not None else None
 
+    extra_needs_labels = True
+
     def sample_extra(self, idx, labels, g):
         if self.sampler is None:
             self.sampler = ClassPairSampler(labels)
