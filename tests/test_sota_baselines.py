@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lsskd.config import build_config
@@ -274,6 +275,48 @@ def test_mixskd_loss_from_the_paper_formula():
     assert m2.teacher.fuse.weight.grad is None
     with pytest.raises(ConfigError, match="mixskd mixes its own batches"):
         MixupSelfKD(build_model("resnet8", 3), {}, cutmix_prob=1.0)
+
+
+def test_mixskd_gate_scales_every_term_but_the_heads_ce():
+    torch.manual_seed(0)
+    B, lam, perm = 3, 0.7, [2, 0, 1]
+    x, y = torch.randn(B, 3, 32, 32), torch.tensor([2, 0, 1])
+    mix = lambda _x: (lam * x + (1 - lam) * x[perm], MixInfo(perm=torch.tensor(perm), lam=lam))
+    plain = MixupSelfKD(build_model("resnet8", 3), {}).train()
+    gated = MixupSelfKD(build_model("resnet8", 3), {"gate": "fit", "gate_floor": 0.5}).train()
+    gated.load_state_dict(plain.state_dict(), strict=False)  # the gate's buffers are gated's own
+    plain._mix = gated._mix = mix
+    gated.on_epoch_end({"top1": 75.0})  # g = (0.75 - 0.5) / (1 - 0.5) = 0.5
+    assert gated.gate() == 0.5 and gated.schedule_stats() == {"gate": 0.5}
+    z, full = plain(x, y, torch.arange(B), None)
+    _, half = gated(x, y, torch.arange(B), None)
+    head_ce = float(F.cross_entropy(z, y))  # the head on the originals (batch-norm over [x; x~])
+    assert float(half["ce"]) == pytest.approx(head_ce + 0.5 * (float(full["ce"]) - head_ce), rel=1e-5)
+    for k in ("kl", "feat", "mix_ce"):
+        assert float(half[k]) == pytest.approx(0.5 * float(full[k]), rel=1e-6)
+    # Shut (training top-1 under the floor): CE's loss, the backbone alone, no Mixup draw.
+    gated.on_epoch_end({"top1": 40.0})
+    gated._mix = None
+    z, shut = gated(x, y, torch.arange(B), None)
+    with torch.no_grad():
+        alone = gated.backbone(x)  # batch-norm over x only: no Mixup rows went through
+    assert list(shut) == ["ce"] and torch.allclose(z, alone, atol=1e-6)
+    assert float(shut["ce"]) == pytest.approx(float(F.cross_entropy(alone, y)), rel=1e-6)
+    assert gated.may_leave_params_unused and not plain.may_leave_params_unused
+    assert "gating.fit_acc" not in plain.state_dict()  # the paper's method keeps its checkpoint keys
+    with pytest.raises(ConfigError, match="method.gate=gap reads the held-out split"):
+        MixupSelfKD(build_model("resnet8", 3), {"gate": "gap"})
+
+
+def test_shut_mixskd_gate_trains_ces_model_bit_for_bit(cell, tmp_path, capsys):
+    ce = Trainer(cfg_for(tmp_path / "ce", "ce"), bundle=cell)
+    a = ce.fit()
+    gated = Trainer(cfg_for(tmp_path / "gated", "mixskd", "method.gate=fit", "method.gate_floor=0.99"),
+                    bundle=cell)
+    b = gated.fit()
+    assert b["gate_max"] == 0.0 and "mixskd gate never opened" in capsys.readouterr().err
+    sa, sb = ce.method.backbone.state_dict(), gated.method.backbone.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and b["test_top1"] == a["test_top1"]
 
 
 # --- through the trainer ----------------------------------------------------------------

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..data.augment import MixInfo, mixup
 from .base import Method, register_method
 from .branch import Branch
+from .gate import FitGapGate
 from .losses import kl_div, mix_targets, soft_cross_entropy
 
 
@@ -66,6 +67,12 @@ class MixupSelfKD(Method):
     their random initialisation: we leave that term out. The stage contract's branch trunks
     replace the code's ResNet-only extractors, so every staged backbone works.
 
+    ``method.gate`` (``none`` by default, the paper; ``fit``, ``gap``, ``auto`` as in the LSSKD
+    profiles, methods/gate.py): with g in [0, 1] the loss is CE(z_S(x), y) + g * (every other
+    term above), and while g = 0 the step is CE's own (the backbone on the original images only,
+    no Mixup draw, the stage classifiers and self-teacher idle), so a model that never fits
+    ``gate_floor`` of its training data trains exactly CE's model.
+
     Defaults: ``method.alpha`` = 0.4, ``method.T`` = 3, ``method.mix_ce`` = true. The method
     mixes its own batches, so ``data.augment.cutmix_prob`` and ``mixup_alpha`` must be 0 (a
     ConfigError otherwise). Mixup draws from torch's global generator, which checkpoints save,
@@ -78,20 +85,52 @@ class MixupSelfKD(Method):
         "alpha": 0.4,  # Mixup's Beta(alpha, alpha) (Self-KD-Lib: 0.4)
         "T": 3.0,  # temperature of the mutual and self-teacher KL terms (Self-KD-Lib: 3)
         "mix_ce": True,  # the Mixup CE of every level and of the self-teacher (paper; false = the official code's loss)
+        "gate": "none",  # every term but the head's CE scaled by the fit (and gap) gate (methods/gate.py)
+        "gate_floor": 0.5,  # training top-1 (fraction) below which gate=fit keeps the backbone at CE
+        "gap_floor": 0.05,  # gate=gap: train-minus-held-out top-1 (fraction) below which it stays shut
+        "gap_width": 0.10,  # gate=gap: ... and above which (floor + width) it is fully open
     }
-    ranges = {"alpha": "> 0", "T": "> 0"}
+    ranges = {"alpha": "> 0", "T": "> 0", "gate_floor": "[0, 1)", "gap_width": "> 0"}
+    choices = {"gate": ("none", "fit", "gap", "auto")}
 
     @classmethod
     def check_rules(cls, cfg, has_val: bool, cutmix_prob: float) -> None:
         if cutmix_prob > 0:
             raise ConfigError("mixskd mixes its own batches: set data.augment.cutmix_prob=0 and "
                               "data.augment.mixup_alpha=0 (the method's Mixup is method.alpha)")
+        if cfg["gate"] == "gap" and not has_val:
+            raise ConfigError("method.gate=gap reads the held-out split: set data.val_fraction > 0 "
+                              "(e.g. 0.1), or use method.gate=fit")
 
     def __init__(self, backbone, cfg=None, context=None, **context_fields):
         super().__init__(backbone, cfg, context, **context_fields)
         S = backbone.num_stages
         self.exits = nn.ModuleList(Branch(backbone, l, backbone.num_classes) for l in range(S - 1))
         self.teacher = SelfTeacher(S, backbone.feature_dim, backbone.num_classes)
+        c = self.cfg
+        if c["gate"] != "none":  # only then: the paper's method keeps its checkpoint layout
+            self.gating = FitGapGate(c["gate"], self.context.has_val, c["gate_floor"],
+                                     c["gap_floor"], c["gap_width"])
+            self.wants_val = self.gating.wants_val
+            self.may_leave_params_unused = True  # a shut gate leaves the stage classifiers idle
+
+    def gate(self) -> float:
+        """g in [0, 1] (1 with gate=none): how far MixSKD's terms act on the backbone."""
+        return self.gating.value() if self.cfg["gate"] != "none" else 1.0
+
+    def schedule_stats(self) -> Dict[str, float]:
+        return {"gate": self.gate()} if self.cfg["gate"] != "none" else {}
+
+    def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
+        if self.cfg["gate"] != "none":
+            self.gating.record_fit(train_stats)
+
+    def on_validation(self, val_stats: Dict[str, float]) -> None:
+        if self.cfg["gate"] != "none":
+            self.gating.record_val(val_stats)
+
+    def summary_notes(self, summary: Dict) -> List[str]:
+        return self.gating.never_opened_note(summary) if self.cfg["gate"] != "none" else []
 
     def levels(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Every level's final-resolution map F_l and logits z_l, shallow to deep (the last is
@@ -107,6 +146,11 @@ class MixupSelfKD(Method):
     def train_forward(self, x, y, idx, mix):
         if mix is not None:
             raise RuntimeError("mixskd got a batch mixed by the data pipeline (check data.augment)")
+        g = self.gate()
+        if g == 0.0:
+            # Shut gate: CE's step exactly (its loss, no Mixup draw, the backbone alone).
+            logits = self.backbone(x)
+            return logits, {"ce": F.cross_entropy(logits.float(), y)}
         B, T = len(x), self.cfg["T"]
         xm, m = self._mix(x)
         maps, logits = self.levels(torch.cat([x, xm]))
@@ -117,7 +161,8 @@ class MixupSelfKD(Method):
         mix_z, mix_f = [z[B:] for z in logits], [f[B:] for f in maps]
         g_bar, g_mix = self.teacher(bar_f), self.teacher(mix_f)
 
-        ce = sum(soft_cross_entropy(z[:B], onehot) for z in logits)
+        ce_levels = [soft_cross_entropy(z[:B], onehot) for z in logits]
+        ce = sum(ce_levels)
         kl = kl_div(bar_z[-1], g_mix, T) + kl_div(mix_z[-1], g_bar, T)
         for b, t in zip(bar_z[:-1], mix_z[:-1]):
             kl = kl + kl_div(b, t, T) + kl_div(t, b, T)
@@ -125,6 +170,10 @@ class MixupSelfKD(Method):
         losses = {"ce": ce, "kl": kl, "feat": feat}
         if self.cfg["mix_ce"]:
             losses["mix_ce"] = sum(soft_cross_entropy(z, mixed_t) for z in mix_z + [g_bar, g_mix])
+        if self.cfg["gate"] != "none":
+            # The deployed head's CE on the originals stays whole; the rest acts by g.
+            losses = {"ce": ce_levels[-1] + g * sum(ce_levels[:-1]),
+                      **{k: g * v for k, v in losses.items() if k != "ce"}}
         return logits[-1][:B], losses
 
     @torch.no_grad()
