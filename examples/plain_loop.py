@@ -13,6 +13,8 @@ from lsskd.models import build_model
 p = argparse.ArgumentParser()
 p.add_argument("--epochs", type=int, default=10)
 p.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0 = all)")
+p.add_argument("--profiles", nargs="+", default=["ce", lsskd.RECOMMENDED],
+               help="profiles to train in turn (any of lsskd.profiles())")
 args = p.parse_args()
 
 d = load_digits()
@@ -21,7 +23,7 @@ y = torch.tensor(d.target)
 perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
 train, test = TensorDataset(x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
 
-for profile in ("ce", lsskd.RECOMMENDED):
+for profile in args.profiles:
     torch.manual_seed(0)
     model = build_model("resnet8", num_classes=10, in_channels=3)  # or your own staged model
     sd = lsskd.SelfDistiller(model, profile, num_train=len(train), epochs=args.epochs)  # lsskd
@@ -33,6 +35,9 @@ for profile in ("ce", lsskd.RECOMMENDED):
         for step, (xb, yb, idx) in enumerate(loader):
             if args.max_steps and step == args.max_steps:
                 break
+            # lsskd: the samples DLB, CS-KD or DDGSD add to the batch (no-op for the others);
+            # DDGSD's second view needs a random transform, which this example does not have
+            xb, yb, idx = sd.with_extra(xb, yb, idx, train)
             out = sd.step(xb, yb, idx)  # lsskd: instead of F.cross_entropy(model(xb), yb)
             opt.zero_grad()
             out.loss.backward()

@@ -417,6 +417,11 @@ def test_plain_loop_example_runs(monkeypatch, capsys):
     assert [m.group(1) for m in rows] == ["ce", "lsskd_selfsup"]
     assert all(0 <= float(m.group(2)) <= 100 and 0 <= float(m.group(3)) <= 100 for m in rows)
     assert rows[0].group(5) is None and float(rows[1].group(5)) == 0.0  # < 50% fit: gate shut
+    # a profile that adds samples to each batch runs through the same loop (with_extra)
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "--epochs", "1", "--max-steps", "2",
+                                      "--profiles", "dlb"])
+    runpy.run_path(str(root / "examples" / "plain_loop.py"), run_name="__main__")
+    assert re.fullmatch(pat, capsys.readouterr().out.strip()).group(1) == "dlb"
 
 
 def _ddp_worker(rank, world, port, folder):
