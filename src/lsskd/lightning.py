@@ -121,8 +121,7 @@ class SelfDistillModule(pl.LightningModule):
         if self.sd.step_pending:  # gradient accumulation: the last micro-batch had no optimiser step
             self.sd.after_step()
         x, y, idx = _unpack(batch)
-        if self.sd.loads_extra:
-            x, y, idx = self.sd.with_extra(x, y, idx, self.train_set)
+        x, y, idx = self.sd.with_extra(x, y, idx, self.train_set)  # unchanged unless the profile adds rows
         out = self.sd.step(x, y, idx)
         self.log_dict({f"train/{k}": v for k, v in out.terms.items()}, on_step=True, on_epoch=False)
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)

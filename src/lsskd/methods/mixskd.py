@@ -108,7 +108,8 @@ class MixupSelfKD(Method):
         self.exits = nn.ModuleList(Branch(backbone, l, backbone.num_classes) for l in range(S - 1))
         self.teacher = SelfTeacher(S, backbone.feature_dim, backbone.num_classes)
         c = self.cfg
-        if c["gate"] != "none":  # only then: the paper's method keeps its checkpoint layout
+        self.gating = None  # gate=none: no gate module, so the paper's method keeps its checkpoint layout
+        if c["gate"] != "none":
             self.gating = FitGapGate(c["gate"], self.context.has_val, c["gate_floor"],
                                      c["gap_floor"], c["gap_width"])
             self.wants_val = self.gating.wants_val
@@ -116,21 +117,21 @@ class MixupSelfKD(Method):
 
     def gate(self) -> float:
         """g in [0, 1] (1 with gate=none): how far MixSKD's terms act on the backbone."""
-        return self.gating.value() if self.cfg["gate"] != "none" else 1.0
+        return self.gating.value() if self.gating is not None else 1.0
 
     def schedule_stats(self) -> Dict[str, float]:
-        return {"gate": self.gate()} if self.cfg["gate"] != "none" else {}
+        return {"gate": self.gate()} if self.gating is not None else {}
 
     def on_epoch_end(self, train_stats: Dict[str, float]) -> None:
-        if self.cfg["gate"] != "none":
+        if self.gating is not None:
             self.gating.record_fit(train_stats)
 
     def on_validation(self, val_stats: Dict[str, float]) -> None:
-        if self.cfg["gate"] != "none":
+        if self.gating is not None:
             self.gating.record_val(val_stats)
 
     def summary_notes(self, summary: Dict) -> List[str]:
-        return self.gating.never_opened_note(summary) if self.cfg["gate"] != "none" else []
+        return self.gating.never_opened_note(summary) if self.gating is not None else []
 
     def levels(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Every level's final-resolution map F_l and logits z_l, shallow to deep (the last is
@@ -170,7 +171,7 @@ class MixupSelfKD(Method):
         losses = {"ce": ce, "kl": kl, "feat": feat}
         if self.cfg["mix_ce"]:
             losses["mix_ce"] = sum(soft_cross_entropy(z, mixed_t) for z in mix_z + [g_bar, g_mix])
-        if self.cfg["gate"] != "none":
+        if self.gating is not None:
             # The deployed head's CE on the originals stays whole; the rest acts by g.
             losses = {"ce": ce_levels[-1] + g * sum(ce_levels[:-1]),
                       **{k: g * v for k, v in losses.items() if k != "ce"}}
